@@ -1,0 +1,183 @@
+"""Choices: the model and training settings, named presets, and their validation.
+
+Edit the defaults at the bottom of this file (or pass --field=value to train.py) to change what
+`python train.py` trains. Every invalid value fails at construction with one line that names the
+field and what is allowed.
+"""
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass
+
+from modules.attention import ATTENTIONS
+from modules.mlp import ACTIVATIONS, MLPS
+from modules.norm import NORMS
+
+
+class ConfigError(ValueError):
+    """A setting a user got wrong; the message is one line naming the field and the allowed values."""
+
+
+def closest(name, candidates):
+    """' (did you mean X?)' for the nearest candidate, or ''."""
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def one_of(field, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{field}={value!r} is not valid; choose one of: {', '.join(sorted(map(str, allowed)))}")
+
+
+def require(condition, field, value, what):
+    if not condition:
+        raise ConfigError(f"{field}={value!r} is not valid: {what}")
+
+
+def type_matches(value, annotation) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(type_matches(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(annotation) or annotation)
+
+
+class Settings:
+    """Shared behaviour of the config dataclasses: type checks, dict/JSON round trips."""
+
+    def check_types(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not type_matches(value, f.type):
+                expected = getattr(f.type, "__name__", str(f.type))
+                raise ConfigError(f"{f.name}={value!r} is not valid: expected {expected}")
+            if f.type is float and isinstance(value, int):
+                setattr(self, f.name, float(value))
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in names:
+                raise ConfigError(f"unknown {cls.__name__} field {key!r}{closest(key, names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class ModelConfig(Settings):
+    """The architecture. Fields left None are derived at construction (n_kv_heads = n_heads,
+    head_dim = dim / n_heads, mlp_hidden from mlp_multiplier and mlp_multiple_of)."""
+    vocab_size: int = 2048
+    context_length: int = 256
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = 2  # None or n_heads: MHA; 1: MQA; in between: GQA
+    head_dim: int | None = None
+    attention: str = "causal"  # a key of modules.attention.ATTENTIONS
+    positions: str = "rope"  # rope | learned | none
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.1 style: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    qk_norm: bool = False
+    sliding_window: int | None = None  # each token attends to at most this many tokens (itself included)
+    norm: str = "rmsnorm"  # a key of modules.norm.NORMS
+    norm_eps: float = 1e-5
+    norm_affine: bool = True
+    norm_bias: bool = False
+    norm_placement: str = "pre"  # pre | post | sandwich
+    mlp: str = "gated"  # a key of modules.mlp.MLPS
+    activation: str = "silu"  # a key of modules.mlp.ACTIVATIONS
+    mlp_hidden: int | None = None
+    mlp_multiplier: float = 8 / 3
+    mlp_multiple_of: int = 1  # round mlp_hidden up to a multiple of this
+    bias: bool = False  # biases in the attention and MLP linear layers
+    tie_embeddings: bool = False  # the output head shares the token embedding matrix
+    embed_dropout: float = 0.0  # dropout sites: after the embeddings,
+    attn_dropout: float = 0.0  # on the attention probabilities,
+    resid_dropout: float = 0.0  # and on each block's output before it joins the residual stream
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        self.check_types()
+        for name in ("vocab_size", "context_length", "dim", "n_layers", "n_heads"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "must be a positive integer")
+        if self.head_dim is None:
+            divisors = [n for n in range(1, self.dim + 1) if self.dim % n == 0]
+            require(self.dim % self.n_heads == 0, "n_heads", self.n_heads,
+                    f"must divide dim={self.dim} (choose from {', '.join(map(str, divisors))}) or set head_dim")
+            self.head_dim = self.dim // self.n_heads
+        require(self.head_dim > 0, "head_dim", self.head_dim, "must be a positive integer")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        divisors = [n for n in range(1, self.n_heads + 1) if self.n_heads % n == 0]
+        require(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+                f"must divide n_heads={self.n_heads} (choose from {', '.join(map(str, divisors))})")
+        one_of("attention", self.attention, ATTENTIONS)
+        one_of("positions", self.positions, ("rope", "learned", "none"))
+        if self.positions == "rope":
+            require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "rotary positions need an even head_dim")
+            require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
+        if self.rope_scaling is not None:
+            keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            require(set(self.rope_scaling) == keys, "rope_scaling", self.rope_scaling,
+                    f"give exactly the Llama 3.1 keys {', '.join(sorted(keys))}")
+        if self.sliding_window is not None:
+            require(self.sliding_window > 0, "sliding_window", self.sliding_window, "must be None or positive")
+        one_of("norm", self.norm, NORMS)
+        require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be positive")
+        one_of("norm_placement", self.norm_placement, ("pre", "post", "sandwich"))
+        one_of("mlp", self.mlp, MLPS)
+        one_of("activation", self.activation, ACTIVATIONS)
+        require(self.mlp_multiple_of > 0, "mlp_multiple_of", self.mlp_multiple_of, "must be a positive integer")
+        if self.mlp_hidden is None:
+            require(self.mlp_multiplier > 0, "mlp_multiplier", self.mlp_multiplier, "must be positive")
+            hidden = int(self.mlp_multiplier * self.dim + 1e-6)  # 8/3 * 384 must give 1024, not 1023
+            self.mlp_hidden = -(-hidden // self.mlp_multiple_of) * self.mlp_multiple_of
+        require(self.mlp_hidden > 0, "mlp_hidden", self.mlp_hidden, "must be a positive integer")
+        for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
+            require(0 <= getattr(self, name) < 1, name, getattr(self, name), "must be in [0, 1)")
+        require(self.init_std > 0, "init_std", self.init_std, "must be positive")
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        """A named preset (see PRESETS), with any field overridden."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}{closest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+# Presets as data: the two families, then sizes. GPT-2: learned positions, LayerNorm with bias,
+# GELU 4x MLP, multi-head attention, biases, tied head. Llama 3: RoPE, RMSNorm, SwiGLU, grouped-query
+# attention, no biases, untied head.
+GPT2 = dict(positions="learned", norm="layernorm", norm_bias=True, mlp="plain", activation="gelu",
+            mlp_multiplier=4.0, n_kv_heads=None, bias=True, tie_embeddings=True)
+LLAMA3 = dict(positions="rope", rope_theta=500000.0, norm="rmsnorm", norm_bias=False, mlp="gated",
+              activation="silu", mlp_multiplier=8 / 3, bias=False, tie_embeddings=False)
+PRESETS = {
+    "gpt2": {**GPT2, "vocab_size": 50257, "context_length": 1024, "dim": 768, "n_layers": 12, "n_heads": 12},
+    "gpt2-medium": {**GPT2, "vocab_size": 50257, "context_length": 1024, "dim": 1024, "n_layers": 24, "n_heads": 16},
+    "gpt2-large": {**GPT2, "vocab_size": 50257, "context_length": 1024, "dim": 1280, "n_layers": 36, "n_heads": 20},
+    "gpt2-xl": {**GPT2, "vocab_size": 50257, "context_length": 1024, "dim": 1600, "n_layers": 48, "n_heads": 25},
+    "gpt2-1m": {**GPT2, "vocab_size": 2048, "context_length": 256, "dim": 128, "n_layers": 4, "n_heads": 4},
+    "llama3-8b": {**LLAMA3, "vocab_size": 128256, "context_length": 8192, "dim": 4096, "n_layers": 32,
+                  "n_heads": 32, "n_kv_heads": 8, "mlp_hidden": 14336},
+    # Small contexts need no slow rotations: theta 10000 as in the original RoPE.
+    "llama3-1m": {**LLAMA3, "rope_theta": 10000.0, "vocab_size": 2048, "context_length": 256, "dim": 128,
+                  "n_layers": 4, "n_heads": 4, "n_kv_heads": 2},
+}

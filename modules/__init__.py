@@ -1,0 +1,1 @@
+"""The maths: every module is a LoggingModule; variants are chosen by name through registries."""

@@ -1,0 +1,144 @@
+"""Attention against the formula: causality, rotary, GQA/MQA, QK-norm, sliding window, masks."""
+import math
+
+import pytest
+import torch
+
+from config import ModelConfig
+from modules.attention import CausalSelfAttention, Rotary, apply_rotary, causal_mask
+
+
+def config(**overrides):
+    values = dict(dim=32, n_heads=4, n_kv_heads=None, context_length=64, positions="none")
+    return ModelConfig(**{**values, **overrides})
+
+
+def reference_attention(attn, x, rope=None, window=None):
+    """softmax(q k^T / sqrt(d) + mask) v, written out per head with explicit masks."""
+    B, T, _ = x.shape
+    H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q, k, v = (x @ attn.qkv.weight.T + (attn.qkv.bias if attn.qkv.bias is not None else 0)).split(attn.split, -1)
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, T, KV, D).transpose(1, 2)
+    v = v.view(B, T, KV, D).transpose(1, 2)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    out = torch.empty(B, H, T, D)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    for h in range(H):
+        kv = h // (H // KV)  # query head h reads key/value head h // group size
+        scores = q[:, h] @ k[:, kv].transpose(-1, -2) / math.sqrt(D)
+        out[:, h] = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1) @ v[:, kv]
+    return out.transpose(1, 2).reshape(B, T, H * D) @ attn.out.weight.T + (attn.out.bias if attn.out.bias is not None else 0)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_attention_matches_formula(n_kv_heads, bias):
+    attn = CausalSelfAttention(config(n_kv_heads=n_kv_heads, bias=bias))
+    x = torch.randn(2, 10, 32)
+    assert torch.allclose(attn(x), reference_attention(attn, x), atol=1e-5)
+
+
+def test_attention_with_rotary_and_qk_norm_matches_formula():
+    cfg = config(positions="rope", qk_norm=True, n_kv_heads=2)
+    attn, rotary = CausalSelfAttention(cfg), Rotary(cfg.head_dim, 64)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 2)
+        attn.k_norm.weight.uniform_(0.5, 2)
+    x = torch.randn(2, 10, 32)
+    rope = rotary(0, 10)
+    assert torch.allclose(attn(x, rope), reference_attention(attn, x, rope), atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 3, 7])
+def test_sliding_window_matches_formula_and_truncated_input(window):
+    cfg = config(sliding_window=window)
+    attn = CausalSelfAttention(cfg)
+    x = torch.randn(2, 12, 32)
+    mask = causal_mask(12, window=window)
+    y = attn(x, mask=mask)
+    assert torch.allclose(y, reference_attention(attn, x, window=window), atol=1e-5)
+    # Without positions, the last token's output depends only on the last `window` tokens.
+    assert torch.allclose(y[:, -1], attn(x[:, -window:])[:, -1], atol=1e-5)
+
+
+def test_causal_mask_formula():
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    assert torch.equal(causal_mask(6), j <= i)
+    assert torch.equal(causal_mask(6, window=2), (j <= i) & (i - j < 2))
+    # Two documents [0,0,0,1,1,1]: no attention across the boundary.
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    expected = (j <= i) & (doc[0][:, None] == doc[0][None, :])
+    assert torch.equal(causal_mask(6, doc_ids=doc)[0, 0], expected)
+    # Later queries over a cache: 2 new queries at slots 4, 5 see keys 0..slot; padding keys hidden but self kept.
+    valid = torch.tensor([[False, True, True, True, True, True]])
+    m = causal_mask(2, start=4, key_valid=valid)[0, 0]
+    assert m.tolist() == [[False, True, True, True, True, False], [False, True, True, True, True, True]]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 1}, {"sliding_window": 3}, {"qk_norm": True}])
+def test_attention_is_causal(overrides):
+    cfg = config(**overrides)
+    attn = CausalSelfAttention(cfg)
+    mask = causal_mask(10, window=cfg.sliding_window) if cfg.sliding_window else None
+    x = torch.randn(1, 10, 32)
+    y = attn(x, mask=mask)
+    for t in range(10):
+        changed = x.clone()
+        changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:])
+        assert torch.allclose(attn(changed, mask=mask)[:, :t + 1], y[:, :t + 1], atol=1e-6)
+
+
+def test_gqa_equals_mha_with_repeated_key_value_weights():
+    for n_kv_heads in (2, 1):  # GQA, then MQA
+        gqa = CausalSelfAttention(config(n_kv_heads=n_kv_heads))
+        mha = CausalSelfAttention(config(n_kv_heads=4))
+        D, group = 8, 4 // n_kv_heads
+        q, k, v = gqa.qkv.weight.split(gqa.split)
+        repeat = lambda w: w.view(n_kv_heads, D, 32).repeat_interleave(group, 0).reshape(4 * D, 32)
+        with torch.no_grad():
+            mha.qkv.weight.copy_(torch.cat([q, repeat(k), repeat(v)]))
+            mha.out.weight.copy_(gqa.out.weight)
+        x = torch.randn(2, 9, 32)
+        assert torch.allclose(gqa(x), mha(x), atol=1e-5)
+        assert sum(p.numel() for p in gqa.parameters()) < sum(p.numel() for p in mha.parameters())
+
+
+def test_rotary_scores_depend_only_on_offset():
+    rotary = Rotary(head_dim=16, max_len=128, theta=10000.0)
+    q, k = torch.randn(16), torch.randn(16)
+
+    def score(m, n):
+        cos, sin = rotary(torch.tensor([[m, n]]), 2)
+        rotated = apply_rotary(torch.stack([q, k]).view(1, 1, 2, 16), cos, sin)[0, 0]
+        return rotated[0] @ rotated[1]
+
+    for m, n in [(5, 2), (40, 3), (100, 100)]:
+        for shift in (1, 7, 20):
+            assert score(m, n) == pytest.approx(score(m + shift, n + shift).item(), abs=1e-4)
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3  # and the offset does matter
+    # Rotations preserve norms.
+    cos, sin = rotary(torch.tensor([[77]]), 1)
+    assert torch.allclose(apply_rotary(q.view(1, 1, 1, 16), cos, sin).norm(), q.norm(), atol=1e-5)
+
+
+def test_rotary_tables_are_built_once_and_sliced():
+    rotary = Rotary(head_dim=8, max_len=32, theta=500000.0)
+    cos, sin = rotary(4, 10)
+    assert cos.data_ptr() == rotary.cos[4].data_ptr() and sin.data_ptr() == rotary.sin[4].data_ptr()
+    inv_freq = 1 / 500000.0 ** (torch.arange(0, 8, 2) / 8)
+    assert torch.allclose(rotary.cos, torch.cos(torch.arange(32)[:, None] * inv_freq))
+    assert "cos" not in rotary.state_dict()  # derived from the config, not saved
+
+
+def test_attention_dropout_only_in_training():
+    attn = CausalSelfAttention(config(attn_dropout=0.5))
+    x = torch.randn(2, 10, 32)
+    plain = CausalSelfAttention(config())
+    plain.load_state_dict(attn.state_dict())
+    assert torch.allclose(attn.eval()(x), plain(x))
+    assert not torch.allclose(attn.train()(x), plain(x))

@@ -1,0 +1,170 @@
+"""The whole model: loss at init, overfitting, determinism, causality, masks, counts, registration."""
+import math
+
+import pytest
+import torch
+
+from config import ModelConfig
+from modules.model import IGNORE_INDEX, Model
+from modules.norm import NORMS, Norm
+
+VARIANTS = {
+    "gpt2": dict(preset="gpt2-1m"),
+    "llama3": dict(preset="llama3-1m"),
+    "mqa+qknorm+window": dict(preset="llama3-1m", n_kv_heads=1, qk_norm=True, sliding_window=5),
+    "sandwich+cosinenorm+relu2": dict(preset="llama3-1m", norm_placement="sandwich", norm="cosinenorm", mlp="plain", activation="relu2"),
+    "post+nopos+bias": dict(preset="gpt2-1m", norm_placement="post", positions="none"),
+}
+
+
+def small(preset, **overrides):
+    values = dict(vocab_size=211, context_length=32, dim=32, n_layers=2, n_heads=4)
+    return ModelConfig.preset(preset, **{**values, **overrides})
+
+
+def make(name, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Model(small(**{**VARIANTS[name], **overrides}))
+
+
+@pytest.mark.parametrize("preset", ["gpt2-1m", "llama3-1m"])
+def test_loss_at_init_is_close_to_uniform(preset):
+    torch.manual_seed(0)
+    model = Model(ModelConfig.preset(preset))
+    ids = torch.randint(0, model.cfg.vocab_size, (4, 64))
+    targets = torch.randint(0, model.cfg.vocab_size, (4, 64))
+    _, loss = model(ids, targets)
+    assert abs(loss.item() - math.log(model.cfg.vocab_size)) < 0.1
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3"])
+def test_overfits_one_batch(name):
+    model = make(name)
+    ids = torch.randint(0, 211, (2, 32), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        first = first or loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 5 and loss.item() < 0.05
+
+
+def test_same_seed_same_weights_and_losses():
+    def run(seed):
+        model = make("llama3", seed=seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        ids = torch.randint(0, 211, (2, 17), generator=torch.Generator().manual_seed(0))
+        losses = []
+        for _ in range(3):
+            _, loss = model(ids[:, :-1], ids[:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return model.state_dict(), losses
+
+    (a, la), (b, lb), (c, lc) = run(0), run(0), run(1)
+    assert la == lb and all(torch.equal(a[k], b[k]) for k in a)
+    assert la != lc
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_parameter_registered_and_trained(name):
+    model = make(name, norm_bias=True).double()  # tensors outside parameters/buffers would stay float32
+    ids = torch.randint(0, 211, (2, 16))
+    _, loss = model(ids, ids)
+    assert loss.dtype == torch.float64
+    loss.backward()
+    for param_name, p in model.named_parameters():
+        assert p.dtype == torch.float64 and p.grad is not None and p.grad.abs().sum() > 0, param_name
+    assert all(b.dtype == torch.float64 for b in model.buffers())
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_model_is_causal(name):
+    model = make(name).eval()
+    ids = torch.randint(0, 211, (1, 20))
+    logits, _ = model(ids)
+    for t in (0, 7, 18):
+        changed = ids.clone()
+        changed[:, t + 1:] = torch.randint(0, 211, changed[:, t + 1:].shape)
+        assert torch.allclose(model(changed)[0][:, :t + 1], logits[:, :t + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "mqa+qknorm+window"])
+def test_document_masking_equals_separate_documents(name):
+    """Packed documents with doc_ids give each document the logits it gets alone (positions restart)."""
+    model = make(name).eval()
+    docs = [torch.randint(0, 211, (1, n)) for n in (7, 12, 5)]
+    packed = torch.cat(docs, 1)
+    doc_ids = torch.cat([torch.full((1, d.shape[1]), i) for i, d in enumerate(docs)], 1)
+    logits, _ = model(packed, doc_ids=doc_ids)
+    alone = torch.cat([model(d)[0] for d in docs], 1)
+    assert torch.allclose(logits, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "mqa+qknorm+window"])
+def test_left_padding_gives_unpadded_logits(name):
+    model = make(name).eval()
+    ids = torch.randint(0, 211, (1, 9))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
+    padding_mask = torch.arange(13)[None] >= 4
+    logits, _ = model(padded, padding_mask=padding_mask)
+    assert torch.allclose(logits[:, 4:], model(ids)[0], atol=1e-5)
+
+
+def test_loss_ignores_padding_targets():
+    model = make("llama3").eval()
+    ids = torch.randint(0, 211, (2, 10))
+    targets = ids.clone()
+    targets[:, 6:] = IGNORE_INDEX
+    logits, loss = model(ids, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, :6].reshape(-1, 211), ids[:, :6].reshape(-1))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_context_length_is_enforced():
+    model = make("gpt2")
+    with pytest.raises(ValueError, match="context_length=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_tied_and_untied_heads():
+    gpt2, llama = make("gpt2"), make("llama3")
+    assert gpt2.head.weight is gpt2.embed.weight
+    assert llama.head.weight is not llama.embed.weight
+
+
+def test_parameter_counts_and_flops():
+    cfg = ModelConfig.preset("gpt2-1m")  # V=2048, T=256, d=128, L=4, MLP 512, biases, tied
+    model = Model(cfg)
+    d, V, T, L, h = 128, 2048, 256, 4, 512
+    per_layer = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
+    assert model.n_params() == V * d + T * d + L * per_layer + 2 * d
+    assert model.n_params(embeddings=False) == L * per_layer + 2 * d
+    assert model.flops_per_token() == 6 * (L * per_layer + 2 * d + V * d) + 12 * L * d * T
+    llama = Model(ModelConfig.preset("llama3-1m"))  # untied: the head is not counted without embeddings
+    assert llama.n_params() - llama.n_params(embeddings=False) == 2 * V * d
+
+
+def test_scaled_init():
+    torch.manual_seed(0)
+    model = Model(ModelConfig.preset("gpt2-1m", n_layers=8))
+    assert model.layers[0].attention.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    for residual in (model.layers[0].attention.out.weight, model.layers[0].mlp.down.weight):
+        assert residual.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert model.layers[0].attention.qkv.bias.abs().sum() == 0
+
+
+def test_a_new_norm_is_one_class_and_one_registry_line(monkeypatch):
+    class ScaleNorm(Norm):
+        def forward(self, x):
+            return x / x.abs().max(-1, keepdim=True).values * self.weight
+
+    monkeypatch.setitem(NORMS, "scalenorm", ScaleNorm)
+    model = Model(small("llama3-1m", norm="scalenorm"))
+    assert isinstance(model.norm, ScaleNorm)
+    assert torch.isfinite(model(torch.randint(0, 211, (1, 8)))[0]).all()

@@ -1,0 +1,247 @@
+"""Hugging Face GPT-2 and Llama checkpoints to and from the project's Model.
+
+Weights are read straight from a checkpoint's safetensors (or, for old repos, `weights_only`
+torch files), so a conversion never holds two copies of a big model. Exports go through
+`transformers`' own classes, so whatever is written is exactly what `transformers` loads.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+from config import ConfigError, ModelConfig
+from modules.model import Model
+
+
+class LoadError(ValueError):
+    """A model that cannot be found or read; the message is one line that says what to do."""
+
+
+# --- reading ---
+
+def hf_directory(name_or_path: str) -> Path:
+    """A local checkpoint directory, or the hub snapshot of a model id (downloaded once, then cached)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoadError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except RepositoryNotFoundError:
+        raise LoadError(f"no model {name_or_path!r} on the Hugging Face hub and no such directory or trained/ model") from None
+    except LocalEntryNotFoundError:
+        raise LoadError(f"cannot download {name_or_path!r} (offline?) and it is not cached: connect once, "
+                        f"or pass a local checkpoint directory") from None
+    except Exception as e:  # network failures come in many types; all mean the same to a user
+        raise LoadError(f"cannot download {name_or_path!r} from the Hugging Face hub ({type(e).__name__}): "
+                        f"check the name and connection, or pass a local checkpoint directory") from None
+
+
+def read_hf_weights(directory: Path) -> dict:
+    from safetensors.torch import load_file
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        files = sorted(directory.glob("pytorch_model*.bin"))
+        if not files:
+            raise LoadError(f"{directory} holds no *.safetensors or *.bin weights")
+        return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def rope_settings(hf: dict):
+    """(theta, scaling) from a Llama config.json of transformers 4 (rope_theta, rope_scaling) or 5 (rope_parameters)."""
+    params = hf.get("rope_parameters") or {}
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise LoadError(f"rope scaling {kind!r} is not supported (only Llama 3.1's 'llama3')")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return theta, {k: scaling[k] for k in keys}
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """The ModelConfig equal to a Hugging Face GPT-2 or Llama config.json."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise LoadError("GPT-2 checkpoints with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn are not supported")
+        activations = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+        if hf.get("activation_function", "gelu_new") not in activations:
+            raise LoadError(f"GPT-2 activation {hf['activation_function']!r} is not supported")
+        return ModelConfig.preset(
+            "gpt2", vocab_size=hf["vocab_size"], context_length=hf["n_positions"], dim=hf["n_embd"],
+            n_layers=hf["n_layer"], n_heads=hf["n_head"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
+            activation=activations[hf.get("activation_function", "gelu_new")], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            embed_dropout=hf.get("embd_pdrop", 0.0), attn_dropout=hf.get("attn_pdrop", 0.0),
+            resid_dropout=hf.get("resid_pdrop", 0.0), tie_embeddings=True)
+    if kind == "llama":
+        activations = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                       "relu": "relu", "relu2": "relu2"}
+        if hf.get("hidden_act", "silu") not in activations:
+            raise LoadError(f"Llama activation {hf['hidden_act']!r} is not supported")
+        if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+            raise LoadError("Llama checkpoints with attention_bias != mlp_bias are not supported")
+        theta, scaling = rope_settings(hf)
+        n_heads = hf["num_attention_heads"]
+        return ModelConfig.preset(
+            "llama3-8b", vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
+            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, mlp_hidden=hf["intermediate_size"],
+            activation=activations[hf.get("hidden_act", "silu")], norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=scaling, bias=hf.get("attention_bias", False),
+            tie_embeddings=hf.get("tie_word_embeddings", False), attn_dropout=hf.get("attention_dropout", 0.0))
+    raise LoadError(f"model_type {kind!r} is not supported: only GPT-2 ('gpt2') and Llama ('llama') checkpoints convert")
+
+
+def gpt2_to_project(sd: dict, cfg: ModelConfig) -> dict:
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    out = {"embed.weight": sd["wte.weight"], "pos_embed.weight": sd["wpe.weight"],
+           "norm.weight": sd["ln_f.weight"], "norm.bias": sd["ln_f.bias"]}
+    renames = {"ln_1": "attention_norm", "ln_2": "mlp_norm", "attn.c_attn": "attention.qkv",
+               "attn.c_proj": "attention.out", "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
+    for i in range(cfg.n_layers):
+        for theirs, ours in renames.items():
+            weight = sd[f"h.{i}.{theirs}.weight"]
+            # GPT-2's Conv1D stores (in, out); nn.Linear stores (out, in).
+            out[f"layers.{i}.{ours}.weight"] = weight if theirs.startswith("ln") else weight.t()
+            out[f"layers.{i}.{ours}.bias"] = sd[f"h.{i}.{theirs}.bias"]
+    return out
+
+
+def llama_to_project(sd: dict, cfg: ModelConfig) -> dict:
+    out = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        out[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[f"layers.{i}.mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        for suffix in ("weight", "bias") if cfg.bias else ("weight",):
+            # Our fused matrices: qkv = [q; k; v] and the gated MLP's up = [gate; up].
+            out[f"layers.{i}.attention.qkv.{suffix}"] = torch.cat(
+                [sd[f"{p}self_attn.{n}_proj.{suffix}"] for n in ("q", "k", "v")])
+            out[f"layers.{i}.mlp.up.{suffix}"] = torch.cat([sd[f"{p}mlp.{n}_proj.{suffix}"] for n in ("gate", "up")])
+            out[f"layers.{i}.attention.out.{suffix}"] = sd[f"{p}self_attn.o_proj.{suffix}"]
+            out[f"layers.{i}.mlp.down.{suffix}"] = sd[f"{p}mlp.down_proj.{suffix}"]
+    return out
+
+
+def load_hf_model(name_or_path: str, device="cpu", dtype=torch.float32) -> Model:
+    """A Hugging Face GPT-2 or Llama checkpoint (hub id or local directory) as the project's Model."""
+    directory = hf_directory(name_or_path)
+    hf = json.loads((directory / "config.json").read_text())
+    try:
+        cfg = config_from_hf(hf)
+    except (KeyError, ConfigError) as e:
+        raise LoadError(f"{directory}/config.json cannot be converted: {e}") from None
+    convert = gpt2_to_project if hf["model_type"] == "gpt2" else llama_to_project
+    try:
+        state = convert(read_hf_weights(directory), cfg)
+    except KeyError as e:
+        raise LoadError(f"{directory}: weight {e} is missing: the checkpoint is incomplete or not {hf['model_type']}") from None
+    if cfg.tie_embeddings:
+        state["head.weight"] = state["embed.weight"]
+    model = Model(cfg)
+    model.load_state_dict(state)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# --- writing ---
+
+def hf_config_for(cfg: ModelConfig):
+    """The transformers config equal to `cfg`, or a ValueError naming the first field that has no equal."""
+    from transformers import GPT2Config, LlamaConfig
+
+    def need(condition, field, value, target):
+        if not condition:
+            raise ValueError(f"cannot export to {target}: {field}={value!r} has no {target} equivalent")
+
+    common = [("norm_placement", "pre"), ("qk_norm", False), ("sliding_window", None), ("attention", "causal")]
+    if cfg.positions == "learned":
+        for field, value in common + [("norm", "layernorm"), ("mlp", "plain"), ("tie_embeddings", True)]:
+            need(getattr(cfg, field) == value, field, getattr(cfg, field), "GPT-2")
+        need(cfg.n_kv_heads == cfg.n_heads, "n_kv_heads", cfg.n_kv_heads, "GPT-2")
+        need(cfg.head_dim * cfg.n_heads == cfg.dim, "head_dim", cfg.head_dim, "GPT-2")
+        activation = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu", "relu2": "relu2"}
+        return GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.dim, n_layer=cfg.n_layers,
+            n_head=cfg.n_heads, n_inner=cfg.mlp_hidden, activation_function=activation[cfg.activation],
+            layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.resid_dropout, embd_pdrop=cfg.embed_dropout,
+            attn_pdrop=cfg.attn_dropout, tie_word_embeddings=True)
+    if cfg.positions == "rope":
+        for field, value in common + [("norm", "rmsnorm"), ("norm_bias", False), ("mlp", "gated"), ("embed_dropout", 0.0), ("resid_dropout", 0.0)]:
+            need(getattr(cfg, field) == value, field, getattr(cfg, field), "Llama")
+        activation = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "relu2": "relu2"}
+        scaling = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None
+        return LlamaConfig(
+            vocab_size=cfg.vocab_size, max_position_embeddings=cfg.context_length, hidden_size=cfg.dim,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim, intermediate_size=cfg.mlp_hidden, hidden_act=activation[cfg.activation],
+            rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=scaling, attention_bias=cfg.bias,
+            mlp_bias=cfg.bias, tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.attn_dropout)
+    raise ValueError(f"cannot export: positions={cfg.positions!r} maps to neither GPT-2 ('learned') nor Llama ('rope')")
+
+
+def project_to_hf(model: Model) -> dict:
+    """The model's weights under transformers' names (absent norm scales and biases written as ones
+    and zeros, which is exact)."""
+    cfg = model.cfg
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+
+    def get(name, fill, size):
+        return sd[name] if name in sd else torch.full((size,), fill)
+
+    if cfg.positions == "learned":
+        out = {"transformer.wte.weight": sd["embed.weight"], "transformer.wpe.weight": sd["pos_embed.weight"],
+               "transformer.ln_f.weight": get("norm.weight", 1.0, cfg.dim),
+               "transformer.ln_f.bias": get("norm.bias", 0.0, cfg.dim), "lm_head.weight": sd["embed.weight"]}
+        renames = {"attention_norm": "ln_1", "mlp_norm": "ln_2", "attention.qkv": "attn.c_attn",
+                   "attention.out": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
+        for i in range(cfg.n_layers):
+            for ours, theirs in renames.items():
+                weight_name = f"layers.{i}.{ours}.weight"
+                is_norm = ours.endswith("norm")
+                size = cfg.dim if is_norm else model.get_submodule(f"layers.{i}.{ours}").out_features
+                weight = get(weight_name, 1.0, size) if is_norm else sd[weight_name].t()
+                out[f"transformer.h.{i}.{theirs}.weight"] = weight
+                out[f"transformer.h.{i}.{theirs}.bias"] = get(f"layers.{i}.{ours}.bias", 0.0, size)
+        return out
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": get("norm.weight", 1.0, cfg.dim),
+           "lm_head.weight": sd["head.weight"]}
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    for i in range(cfg.n_layers):
+        p, ours = f"model.layers.{i}.", f"layers.{i}."
+        out[p + "input_layernorm.weight"] = get(ours + "attention_norm.weight", 1.0, cfg.dim)
+        out[p + "post_attention_layernorm.weight"] = get(ours + "mlp_norm.weight", 1.0, cfg.dim)
+        for suffix in ("weight", "bias") if cfg.bias else ("weight",):
+            qw, kw, vw = sd[f"{ours}attention.qkv.{suffix}"].split([q, kv, kv])
+            gate, up = sd[f"{ours}mlp.up.{suffix}"].chunk(2)
+            out.update({f"{p}self_attn.q_proj.{suffix}": qw, f"{p}self_attn.k_proj.{suffix}": kw,
+                        f"{p}self_attn.v_proj.{suffix}": vw, f"{p}self_attn.o_proj.{suffix}": sd[f"{ours}attention.out.{suffix}"],
+                        f"{p}mlp.gate_proj.{suffix}": gate, f"{p}mlp.up_proj.{suffix}": up,
+                        f"{p}mlp.down_proj.{suffix}": sd[f"{ours}mlp.down.{suffix}"]})
+    return out
+
+
+def export_hf(model: Model, directory) -> Path:
+    """Write `model` as a Hugging Face checkpoint directory (config.json + model.safetensors) that
+    `transformers.AutoModelForCausalLM.from_pretrained(directory)` loads with the same logits."""
+    from transformers import AutoModelForCausalLM
+    hf_config = hf_config_for(model.cfg)
+    hf_model = AutoModelForCausalLM.from_config(hf_config)
+    state = project_to_hf(model)
+    if hf_config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (hf_config.tie_word_embeddings and k == "lm_head.weight")]
+    assert not missing and not unexpected, f"conversion bug: missing {missing}, unexpected {unexpected}"
+    directory = Path(directory)
+    hf_model.save_pretrained(directory)
+    return directory
