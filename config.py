@@ -181,3 +181,60 @@ PRESETS = {
     "llama3-1m": {**LLAMA3, "rope_theta": 10000.0, "vocab_size": 2048, "context_length": 256, "dim": 128,
                   "n_layers": 4, "n_heads": 4, "n_kv_heads": 2},
 }
+
+
+@dataclass
+class TrainConfig(Settings):
+    """How to train: data, tokenizer, optimisation, evaluation and logging. `python train.py` uses
+    these defaults; override any of them with --field=value."""
+    name: str = "Llama3_1m"  # the run's folder: trained/NAME
+    data: str = "tinystories"  # a dataset name (tinystories, fineweb-edu, hf:ID) or local files, folders, globs (comma-separated)
+    text_format: str = "auto"  # .txt layout: auto | documents (<|endoftext|> lines) | lines | whole
+    max_docs: int | None = None  # read at most this many documents (hub datasets are large)
+    val_fraction: float = 0.1  # documents (or, for one whole text, its tail) held out for validation
+    tokenizer: str = "tinystories-2048"  # see toolkit/tokenizer.py: FAMILY-SIZE, bytes, gpt2, hf:ID
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    compile: bool = False  # torch.compile the model (falls back to eager with a warning if it fails)
+    seed: int = 1337
+    batch_size: int = 32  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant, each after linear warmup
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays to min_lr
+    weight_decay: float = 0.1  # on matrices only: never on norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    doc_masking: bool = False  # attend only within each document of a packed window
+    eval_every: int = 200  # steps between validation runs (and at the end)
+    eval_batches: int = 20  # size of the fixed validation set, in batches
+    log_every: int = 10  # steps per row of log_data.csv (train loss is the mean over the row's steps)
+    save_every: int = 500  # steps between checkpoints (and at the end)
+    tensorboard: bool = False  # also write TensorBoard logs to trained/NAME/tensorboard
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
+
+    def __post_init__(self):
+        self.check_types()
+        require(self.name and "/" not in self.name and self.name not in (".", ".."), "name", self.name,
+                "must be a plain folder name")
+        one_of("text_format", self.text_format, ("auto", "documents", "lines", "whole"))
+        one_of("schedule", self.schedule, ("cosine", "wsd", "constant"))
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every", "save_every"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "must be a positive integer")
+        for name in ("warmup_steps", "seed"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be zero or positive")
+        if self.max_docs is not None:
+            require(self.max_docs > 0, "max_docs", self.max_docs, "must be None or positive")
+        require(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
+        require(self.lr > 0, "lr", self.lr, "must be positive")
+        require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        require(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "must be in (0, 1]")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be zero or positive")
+        require(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
+        require(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be zero (off) or positive")
+        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device", self.device,
+                "choose auto, cpu, cuda, cuda:N or mps")

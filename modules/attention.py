@@ -3,6 +3,7 @@ sliding windows, masks, and the preallocated KV cache used for generation.
 
 Add an attention variant: one class with the same forward signature and one line in ATTENTIONS.
 """
+import functools
 import math
 
 import torch
@@ -145,20 +146,45 @@ class CausalSelfAttention(LoggingModule):
         if mask is not None and not isinstance(mask, torch.Tensor):
             y = flex_attention(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            if self.n_kv_heads != self.n_heads:
+            # Key/value heads shared by query groups: training copies them (not every fused GPU kernel
+            # takes enable_gqa); generation reads the whole cache at every step, so SDPA shares them.
+            grouped = self.n_kv_heads != self.n_heads
+            if grouped and cache is None:
                 repeats = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
             # SDPA aligns is_causal to the top left, which is right only without cached keys; a single
             # new query may see every cached key, so it needs no mask at all.
             assert mask is not None or T == 1 or k.shape[2] == T, "a cached prefix needs an explicit mask"
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=mask is None and T > 1)
+                                               is_causal=mask is None and T > 1,
+                                               enable_gqa=grouped and cache is not None)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def document_block_mask(doc_ids: torch.Tensor, window: int | None = None):
+    """The FlexAttention form of causal_mask(T, window=window, doc_ids=doc_ids): a BlockMask that
+    lets the kernel skip whole blocks with nothing to attend (other documents, the future)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def allowed(b, h, q, k):
+        keep = (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
+        return keep & (q - k < window) if window is not None else keep
+
+    B, T = doc_ids.shape
+    return create_block_mask(allowed, B, None, T, T, device=doc_ids.device)
+
+
+@functools.cache
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    return torch.compile(flex)  # FlexAttention is only fast compiled
+
+
 def flex_attention(q, k, v, block_mask, enable_gqa):
-    from torch.nn.attention.flex_attention import flex_attention as _flex  # only needed with a BlockMask
-    return _flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if q.is_cuda:
+        return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)  # eager reference: for tests on CPU
 
 
 ATTENTIONS = {

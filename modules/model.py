@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.attention import KVCache, Rotary, causal_mask
+from modules.attention import KVCache, Rotary, causal_mask, document_block_mask
 from modules.layer import Layer, make_dropout, make_norm
 from modules.logging import LoggingModule, log_io
 
@@ -43,11 +43,13 @@ class Model(LoggingModule):
                 nn.init.normal_(module.weight, 0.0, std)
 
     @log_io(outputs=("logits", "loss"))
-    def forward(self, input_ids, targets=None, *, doc_ids=None, padding_mask=None, cache: KVCache | None = None):
+    def forward(self, input_ids, targets=None, *, doc_ids=None, padding_mask=None, cache: KVCache | None = None,
+                last_logits_only: bool = False):
         """input_ids, targets: (B, T) token ids; targets equal to IGNORE_INDEX are skipped by the loss.
         doc_ids: (B, T) document of each token; tokens then attend only within their document and
         positions restart at each document. padding_mask: (B, T), False at (left) padding.
-        cache: generation state, extended in place. Returns (logits (B, T, vocab), loss or None)."""
+        cache: generation state, extended in place. last_logits_only: logits (B, 1, vocab) of the last
+        position only, all that generation needs. Returns (logits (B, T, vocab), loss or None)."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.context_length:
@@ -63,6 +65,8 @@ class Model(LoggingModule):
             x = layer(x, rope, mask, cache)
         if cache is not None:
             cache.length += T
+        if last_logits_only:
+            x = x[:, -1:]
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:
@@ -82,6 +86,8 @@ class Model(LoggingModule):
                 starts = torch.ones_like(doc_ids, dtype=torch.bool)
                 starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
                 positions = index - torch.where(starts, index, 0).cummax(dim=1).values
+                if doc_ids.is_cuda and padding_mask is None:  # FlexAttention skips the masked blocks
+                    return positions, document_block_mask(doc_ids, window)
                 return positions, causal_mask(T, 0, window, padding_mask, doc_ids, device)
             if padding_mask is not None:
                 positions = (padding_mask.long().cumsum(1) - 1).clamp(min=0)

@@ -1,5 +1,6 @@
 """Attention against the formula: causality, rotary, GQA/MQA, QK-norm, sliding window, masks."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -142,3 +143,18 @@ def test_attention_dropout_only_in_training():
     plain.load_state_dict(attn.state_dict())
     assert torch.allclose(attn.eval()(x), plain(x))
     assert not torch.allclose(attn.train()(x), plain(x))
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_flex_attention_document_mask_equals_dense_mask(window):
+    """The BlockMask used on CUDA and the dense mask used by SDPA on CPU give the same attention."""
+    from modules.attention import document_block_mask
+    attn = CausalSelfAttention(config(n_kv_heads=2))
+    x = torch.randn(2, 16, 32)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16])
+    with torch.no_grad():  # FlexAttention has no backward on CPU
+        dense = attn(x, mask=causal_mask(16, window=window, doc_ids=doc_ids))
+        with warnings.catch_warnings():  # uncompiled flex_attention warns that it is slow: expected here
+            warnings.simplefilter("ignore")
+            flex = attn(x, mask=document_block_mask(doc_ids, window))
+    assert torch.allclose(dense, flex, atol=1e-5)

@@ -1,0 +1,96 @@
+"""train.py's command line: every field overridable, one-line errors with suggestions, resume rules."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from config import ConfigError, ModelConfig, TrainConfig
+from conftest import ROOT
+from toolkit.cli import route_overrides, split_arguments
+from train import configs
+
+
+def test_overrides_reach_both_configs_with_their_types():
+    model_cfg, train_cfg, flags, stop_at = configs(
+        ["--name=tiny", "--n_layers=8", "--lr=3e-4", "--device", "cpu", "--model.dim=64", "--train.batch_size=2",
+         "--sliding_window=None", "--qk_norm", "--compile=false", "--rope_scaling={\"factor\": 8, \"low_freq_factor\": 1,"
+         " \"high_freq_factor\": 4, \"original_max_position_embeddings\": 64}", "--stop_at=5", "--overwrite"])
+    assert (model_cfg.n_layers, model_cfg.dim, model_cfg.head_dim, model_cfg.qk_norm) == (8, 64, 16, True)
+    assert model_cfg.rope_scaling["factor"] == 8 and model_cfg.sliding_window is None
+    assert (train_cfg.name, train_cfg.lr, train_cfg.device, train_cfg.batch_size, train_cfg.compile) == \
+        ("tiny", 3e-4, "cpu", 2, False)
+    assert flags == {"overwrite"} and stop_at == 5
+    assert model_cfg.vocab_size == 2048  # follows the default tokenizer, tinystories-2048
+
+
+def test_presets_and_the_tokenizer_set_the_model():
+    model_cfg, train_cfg, _, _ = configs(["--preset=gpt2-1m", "--tokenizer=bytes"])
+    assert model_cfg == ModelConfig.preset("gpt2-1m", vocab_size=259)
+    model_cfg, _, _, _ = configs(["--tokenizer=bytes", "--vocab_size=320"])  # larger than needed is allowed
+    assert model_cfg.vocab_size == 320
+    assert configs([])[1] == TrainConfig()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layer=8"], "unknown setting --n_layer (did you mean n_layers?)"),
+    (["--lrr=1e-3"], "unknown setting --lrr (did you mean lr?)"),
+    (["--model.lr=1e-3"], "unknown setting --model.lr"),
+    (["--n_layers=eight"], "--n_layers='eight' is not valid: expected an integer"),
+    (["--compile=maybe"], "--compile='maybe' is not valid: expected true or false"),
+    (["--schedule=linear"], "schedule='linear' is not valid; choose one of: constant, cosine, wsd"),
+    (["--n_heads=5"], "n_heads=5 is not valid: must divide dim=128"),
+    (["--preset=gpt3"], "unknown preset 'gpt3'"),
+    (["--stop_at=soon"], "--stop_at='soon' is not valid"),
+    (["positional"], "unexpected argument 'positional'"),
+])
+def test_bad_settings_fail_at_once_with_one_line(argv, message):
+    with pytest.raises(ConfigError) as error:
+        configs(argv)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bare_flags_and_spaced_values():
+    values, flags = split_arguments(["--resume", "--lr", "0.1", "--compile", "--name=x"], ("resume",))
+    assert flags == {"resume"} and values == {"lr": "0.1", "compile": "true", "name": "x"}
+    assert route_overrides({"train.seed": "3"})[1] == {"seed": 3}
+
+
+def run_train(tmp_path, *argv):
+    env = {**os.environ, "TRAINED_DIR": str(tmp_path / "trained"), "DATA_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_script_errors_are_one_line_without_traceback(tmp_path):
+    for argv, message in [(["--n_layer=2"], "error: unknown setting --n_layer (did you mean n_layers?)"),
+                          (["--data=/no/such/file.txt", "--tokenizer=bytes"], "error: no data at '/no/such/file.txt'"),
+                          (["--tokenizer=klingon-512"], "error: unknown tokenizer family 'klingon'"),
+                          (["--resume", "--name=nothing"], "error: nothing to resume: trained/nothing holds no run")]:
+        done = run_train(tmp_path, *argv)
+        assert done.returncode == 1 and done.stderr.strip().startswith(message), done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_script_trains_resumes_and_records_its_command(tmp_path):
+    (tmp_path / "t.txt").write_text("".join(f"Once upon a time {k}.\n<|endoftext|>\n" for k in range(300)))
+    common = ["--name=cli", f"--data={tmp_path / 't.txt'}", "--tokenizer=bytes", "--dim=32", "--n_layers=1",
+              "--context_length=16", "--batch_size=2", "--max_steps=6", "--eval_every=3", "--eval_batches=1"]
+    done = run_train(tmp_path, *common, "--stop_at=3")
+    assert done.returncode == 0, done.stderr
+    again = run_train(tmp_path, *common)
+    assert again.returncode == 1 and "already exists: pass --resume" in again.stderr
+    model_change = run_train(tmp_path, "--name=cli", "--resume", "--dim=64")
+    assert model_change.returncode == 1 and "drop the model settings (dim)" in model_change.stderr
+    resumed = run_train(tmp_path, "--name=cli", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    commands = (tmp_path / "trained" / "cli" / "command.txt").read_text().splitlines()
+    assert len(commands) == 2 and commands[0].endswith("--stop_at=3") and commands[1].endswith("--name=cli --resume")
+    assert (tmp_path / "trained" / "cli" / "log_data.csv").read_text().splitlines()[-1].startswith("6,")
+
+
+def test_help_lists_every_field():
+    done = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0
+    for field in ("--n_kv_heads=", "--rope_theta=", "--lr=", "--doc_masking=", "--fsdp="):
+        assert field in done.stdout

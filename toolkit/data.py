@@ -1,0 +1,399 @@
+"""Text in, batches out: documents from the hub or local files, tokenized once into cached uint16/uint32
+token shards with a document index, then packed windows drawn without replacement in a seeded order.
+
+Cache layout (data_cache/<source>-<key>/): <split>_<n>.bin token shards, <split>_docs.npy (where each
+document starts in the split's token stream), <split>_bytes.npy (UTF-8 bytes per document) and
+meta.json, written last: a folder without it is an interrupted build and is rebuilt.
+"""
+import glob
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("DATA_CACHE", ROOT / "data_cache"))
+SEPARATOR = "<|endoftext|>"
+SHARD_TOKENS = 2 ** 27  # 256 MB of uint16 per shard file
+ENCODE_BATCH_BYTES = 4 << 20  # text handed to the tokenizer's parallel encode at a time
+FORMAT_VERSION = 1  # bump when the cache layout changes
+
+# Datasets by name: (hub repository, config, data file, text column). TinyStoriesV2 is one text file
+# with <|endoftext|> lines; fineweb-edu's sample is parquet with a "text" column. Both are streamed.
+# Any other hub dataset with a "text" column: "hf:owner/name" or "hf:owner/name:config".
+HUB_DATASETS = {
+    "tinystories": ("roneneldan/TinyStories", None, "TinyStoriesV2-GPT4-train.txt", "text"),
+    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", None, "text"),
+}
+LOCAL_EXAMPLE = "--data=../shared/data/tinystories/*.txt (files, folders or globs of txt, jsonl or parquet, comma-separated)"
+
+
+def hub_source(spec: str):
+    """(repository, config, data file, text column) of a hub dataset spec, or None for local data."""
+    if spec in HUB_DATASETS:
+        return HUB_DATASETS[spec]
+    if spec.startswith("hf:"):
+        repo, _, config = spec[3:].partition(":")
+        return repo, config or None, None, "text"
+    return None
+
+
+class DataError(ValueError):
+    """Data that cannot be found or read; the message is one line that says what to do."""
+
+
+# --- documents ---
+
+def local_files(spec: str) -> list[Path]:
+    """The txt/jsonl/parquet files named by a path, folder or glob, or several separated by commas."""
+    files = []
+    for part in spec.split(","):
+        path = Path(part).expanduser()
+        if path.is_dir():
+            found = [p for p in sorted(path.rglob("*")) if p.suffix in (".txt", ".jsonl", ".parquet")]
+        elif path.is_file():
+            found = [path]
+        else:
+            found = [Path(p) for p in sorted(glob.glob(os.path.expanduser(part), recursive=True)) if Path(p).is_file()]
+        if not found:
+            raise DataError(f"no data at {part!r}: give a dataset name ({', '.join(HUB_DATASETS)}) or {LOCAL_EXAMPLE}")
+        files += found
+    return files
+
+
+def txt_layout(path: Path, text_format: str) -> str:
+    """'documents' (split at <|endoftext|> lines), 'lines' (one document per line) or 'whole'. Auto:
+    documents when the file has separator lines, else lines when it has no blank line (a file of one
+    story per line), else whole (a single text such as Tiny Shakespeare)."""
+    if text_format != "auto":
+        return text_format
+    blank_before, has_blank = False, False  # blank lines at the very end do not count
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip() == SEPARATOR:
+                return "documents"
+            has_blank = has_blank or (blank_before and bool(line.strip()))
+            blank_before = not line.strip()
+    return "whole" if has_blank else "lines"
+
+
+class WholeText(str):
+    """A source that is one long text rather than a set of documents (split by position, not by document)."""
+
+
+def read_txt(path: Path, layout: str):
+    with open(path, encoding="utf-8") as f:
+        if layout == "whole":
+            yield WholeText(f.read())
+            return
+        if layout == "lines":
+            for line in f:
+                if line.strip():
+                    yield line.rstrip("\n")
+            return
+        yield from _join_separated_lines(line.rstrip("\n") for line in f)
+
+
+def read_file(path: Path, text_format: str):
+    """Documents of one local file."""
+    try:
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)["text"]
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise DataError(f"{path}:{number} is not a JSON object with a 'text' field") from None
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            table = pq.ParquetFile(path)
+            if "text" not in table.schema_arrow.names:
+                raise DataError(f"{path} has no 'text' column (columns: {', '.join(table.schema_arrow.names)})")
+            for batch in table.iter_batches(columns=["text"], batch_size=1024):
+                yield from batch.column(0).to_pylist()
+        else:
+            yield from read_txt(path, txt_layout(path, text_format))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_hub(name: str, max_docs: int | None):
+    """Documents of a hub dataset, streamed (so nothing is held in memory or fully downloaded)."""
+    repo, config, data_file, column = hub_source(name)
+    try:
+        import datasets
+        stream = datasets.load_dataset(repo, config, data_files=data_file, split="train", streaming=True)
+        rows = iter(stream)
+        first = next(rows)
+    except Exception as e:  # offline, hub down, name gone: all mean "use local files" to a user
+        raise DataError(f"cannot stream {name!r} ({repo}) from the Hugging Face hub ({type(e).__name__}) and no "
+                        f"tokenized copy is cached: connect once, or train on local files: {LOCAL_EXAMPLE}") from None
+    if column not in first:
+        raise DataError(f"{repo} has no {column!r} field (fields: {', '.join(first)})")
+    rows = (r[column] for r in _chain(first, rows))
+    docs = _join_separated_lines(rows) if data_file and data_file.endswith(".txt") else rows
+    for count, doc in enumerate(docs):
+        if max_docs is not None and count >= max_docs:
+            return
+        yield doc
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _join_separated_lines(lines):
+    """A text file streamed as lines back into its <|endoftext|>-separated documents."""
+    lines_of_doc = []
+    for line in lines:
+        if line.strip() == SEPARATOR:
+            doc = "\n".join(lines_of_doc).strip("\n")
+            if doc:
+                yield doc
+            lines_of_doc = []
+        else:
+            lines_of_doc.append(line)
+    doc = "\n".join(lines_of_doc).strip("\n")
+    if doc:
+        yield doc
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    """A deterministic split by document content: the same document always lands on the same side,
+    whatever the order or the number of workers (and duplicates never straddle the split)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2 ** 64
+
+
+def read_documents(spec: str, text_format: str = "auto", max_docs: int | None = None):
+    """Every document of a source: a dataset name, hf:ID, or local file, folder or glob."""
+    if hub_source(spec) is not None:
+        yield from read_hub(spec, max_docs)
+        return
+    docs = (doc for path in local_files(spec) for doc in read_file(path, text_format))
+    yield from (docs if max_docs is None else (doc for _, doc in zip(range(max_docs), docs)))
+
+
+def split_documents(spec: str, text_format: str, val_fraction: float, max_docs: int | None):
+    """(text, is_validation) for every document of a source. A single whole text (Tiny Shakespeare)
+    gives its last `val_fraction` of characters, cut at a line end, to validation, as nanoGPT does."""
+    for doc in read_documents(spec, text_format, max_docs):
+        if isinstance(doc, WholeText) and val_fraction > 0:
+            end = int(len(doc) * (1 - val_fraction))
+            cut = doc.rfind("\n", 0, end) + 1 or end
+            yield str(doc[:cut]), False
+            yield str(doc[cut:]), True
+        else:
+            yield doc, is_validation(doc, val_fraction)
+
+
+# --- token shards ---
+
+def source_fingerprint(spec: str, max_docs) -> str:
+    """What identifies the raw data: the hub name, or each local file's path, size and mtime."""
+    if hub_source(spec) is not None:
+        return f"hub:{spec}:{max_docs}"
+    files = local_files(spec)
+    return ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files) + f":{max_docs}"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    pieces = b"\0".join(tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size))
+    return f"{tokenizer.name}:{tokenizer.vocab_size}:{hashlib.sha256(pieces).hexdigest()[:16]}"
+
+
+def cache_dir(spec, tokenizer, text_format, val_fraction, max_docs) -> Path:
+    key = json.dumps([FORMAT_VERSION, source_fingerprint(spec, max_docs), tokenizer_fingerprint(tokenizer),
+                      text_format, val_fraction])
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(spec.split(",")[0].rstrip("/")).name)[:40]
+    return CACHE / f"{slug}-{tokenizer.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+class ShardWriter:
+    """Appends documents' tokens to <split>_<n>.bin files, starting a new file every SHARD_TOKENS."""
+
+    def __init__(self, directory: Path, split: str, dtype):
+        self.directory, self.split, self.dtype = directory, split, dtype
+        self.shards, self.doc_starts, self.doc_bytes = [], [], []
+        self.tokens, self.file = 0, None
+
+    def add(self, ids: np.ndarray, n_bytes: int):
+        self.doc_starts.append(self.tokens)
+        self.doc_bytes.append(n_bytes)
+        while len(ids):
+            if self.file is None or self.shards[-1][1] == SHARD_TOKENS:
+                self.close_file()
+                name = f"{self.split}_{len(self.shards)}.bin"
+                self.file = open(self.directory / name, "wb")
+                self.shards.append([name, 0])
+            room = SHARD_TOKENS - self.shards[-1][1]
+            part, ids = ids[:room], ids[room:]
+            self.file.write(part.astype(self.dtype).tobytes())
+            self.shards[-1][1] += len(part)
+            self.tokens += len(part)
+
+    def close_file(self):
+        if self.file is not None:
+            self.file.close()
+
+    def finish(self) -> dict:
+        self.close_file()
+        np.save(self.directory / f"{self.split}_docs.npy", np.array(self.doc_starts, dtype=np.int64))
+        np.save(self.directory / f"{self.split}_bytes.npy", np.array(self.doc_bytes, dtype=np.int64))
+        return {"shards": self.shards, "tokens": self.tokens, "documents": len(self.doc_starts),
+                "bytes": int(sum(self.doc_bytes))}
+
+
+def build_shards(directory: Path, documents, tokenizer, progress=True) -> dict:
+    """Tokenize documents in batches (the tokenizer encodes a batch on all cores) into both splits."""
+    from tqdm import tqdm
+    dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
+    writers = {False: ShardWriter(directory, "train", dtype), True: ShardWriter(directory, "val", dtype)}
+    bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress)
+
+    def flush(batch):
+        for (text, val), ids in zip(batch, tokenizer.encode([t for t, _ in batch], bos=True, eos=True)):
+            n_bytes = len(text.encode("utf-8"))
+            writers[val].add(np.asarray(ids), n_bytes)
+            bar.update(n_bytes)
+
+    batch, size = [], 0
+    for text, val in documents:
+        batch.append((text, val))
+        size += len(text)
+        if size >= ENCODE_BATCH_BYTES:
+            flush(batch)
+            batch, size = [], 0
+    if batch:
+        flush(batch)
+    bar.close()
+    return {"dtype": np.dtype(dtype).name, "train": writers[False].finish(), "val": writers[True].finish()}
+
+
+def prepare_data(spec: str, tokenizer, text_format="auto", val_fraction=0.1, max_docs=None, progress=True) -> Path:
+    """The cached token shards of `spec` under `tokenizer`, built on first use."""
+    directory = cache_dir(spec, tokenizer, text_format, val_fraction, max_docs)
+    if (directory / "meta.json").is_file():
+        return directory
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        meta = build_shards(tmp, split_documents(spec, text_format, val_fraction, max_docs), tokenizer, progress)
+        if meta["train"]["tokens"] == 0:
+            raise DataError(f"{spec!r} gave no training text ({meta['val']['documents']} documents, all held out "
+                            f"for validation): use more documents or a lower val_fraction")
+        meta.update(source=spec, tokenizer=tokenizer.name, text_format=text_format, val_fraction=val_fraction,
+                    max_docs=max_docs)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+class TokenData:
+    """One split's token stream (memory-mapped shards read as one sequence) and its document index."""
+
+    def __init__(self, directory: Path, split: str):
+        meta = json.loads((Path(directory) / "meta.json").read_text())
+        self.meta = meta[split]
+        dtype = np.dtype(meta["dtype"])
+        self.shards = [np.memmap(Path(directory) / name, dtype=dtype, mode="r", shape=(n,))
+                       for name, n in self.meta["shards"] if n > 0]
+        self.shard_starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.doc_starts = np.load(Path(directory) / f"{split}_docs.npy")
+        self.doc_bytes = np.load(Path(directory) / f"{split}_bytes.npy")
+
+    def __len__(self):
+        return int(self.shard_starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens start..start+length as int64, across shard boundaries."""
+        shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+        offset = start - self.shard_starts[shard]
+        out = self.shards[shard][offset:offset + length]
+        while len(out) < length:  # rare: the window runs into the next shard
+            shard += 1
+            out = np.concatenate([out, self.shards[shard][:length - len(out)]])
+        return out.astype(np.int64)
+
+    def doc_ids(self, start: int, length: int) -> np.ndarray:
+        """The document index of each token start..start+length."""
+        return np.searchsorted(self.doc_starts, np.arange(start, start + length), side="right") - 1
+
+
+# --- batches ---
+
+def read_windows(data: TokenData, windows, seq_len: int, with_doc_ids=False) -> dict:
+    """The batch of windows number `windows` (window w = tokens w*seq_len .. (w+1)*seq_len + 1):
+    input_ids, targets shifted by one, and the document of each input token if asked for."""
+    tokens = torch.from_numpy(np.stack([data.read(int(w) * seq_len, seq_len + 1) for w in windows]))
+    batch = {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}
+    if with_doc_ids:
+        batch["doc_ids"] = torch.from_numpy(np.stack([data.doc_ids(int(w) * seq_len, seq_len) for w in windows]))
+    return batch
+
+
+class Batches:
+    """Packed windows of seq_len + 1 tokens (inputs and shifted targets) over a split's token stream.
+
+    The windows tile the stream; each epoch visits all of them once in an order seeded by
+    (seed, epoch). A global batch is world_size * grad_accum * batch_size windows; rank r's micro-batch
+    m takes its slice (m * world_size + r), so every rank reads different windows and together they
+    read exactly what one process with the same global batch would. `state()` / `load_state()` make
+    the position exact for resume.
+    """
+
+    def __init__(self, data: TokenData, seq_len: int, batch_size: int, seed: int, grad_accum: int = 1,
+                 rank: int = 0, world_size: int = 1, doc_ids: bool = False):
+        self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
+        self.grad_accum, self.rank, self.world_size, self.with_doc_ids = grad_accum, rank, world_size, doc_ids
+        self.n_windows = (len(data) - 1) // seq_len
+        self.global_batch = world_size * grad_accum * batch_size
+        self.batches_per_epoch = self.n_windows // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{len(data)} training tokens make {self.n_windows} windows of {seq_len}, fewer than one "
+                            f"global batch of {self.global_batch}: use more data or a smaller batch_size/context_length")
+        self.epoch, self.index, self._order = 0, 0, None
+
+    def order(self) -> torch.Tensor:
+        if self._order is None or self._order[0] != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            self._order = (self.epoch, torch.randperm(self.n_windows, generator=generator))
+        return self._order[1]
+
+    def next(self) -> list[dict]:
+        """This rank's grad_accum micro-batches of the next global batch."""
+        windows = self.order()[self.index * self.global_batch:(self.index + 1) * self.global_batch]
+        micro = [windows[(m * self.world_size + self.rank) * self.batch_size:][:self.batch_size]
+                 for m in range(self.grad_accum)]
+        self.index += 1
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return [read_windows(self.data, w, self.seq_len, self.with_doc_ids) for w in micro]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict):
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def validation_batches(data: TokenData, seq_len: int, batch_size: int, n_windows_wanted: int, with_doc_ids=False):
+    """A fixed validation set: n_windows_wanted windows (or all there are) spread evenly over the split,
+    in batches of batch_size."""
+    n_windows = (len(data) - 1) // seq_len
+    if n_windows == 0:
+        raise DataError(f"the validation split has {len(data)} tokens, too few for one window of {seq_len}: "
+                        f"raise val_fraction or use more data")
+    count = min(n_windows, n_windows_wanted)
+    picks = np.linspace(0, n_windows - 1, count).round().astype(int)
+    return [read_windows(data, picks[i:i + batch_size], seq_len, with_doc_ids) for i in range(0, count, batch_size)]

@@ -1,0 +1,39 @@
+"""Plumbing behind one import: models in and out (trained/ folders, Hugging Face checkpoints),
+tokenizers, data, training, generation and metrics. The code lives in toolkit/, one file per job;
+this module is its public face.
+"""
+from pathlib import Path
+
+from config import closest
+from toolkit import checkpoint
+from toolkit.checkpoint import is_checkpoint, load_checkpoint, save_model
+from toolkit.hf import LoadError, export_hf, load_hf_model
+from toolkit.tokenizer import Tokenizer, TokenizerError, available_tokenizers, load_tokenizer
+
+HF_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")  # hub ids without an owner
+
+
+def trained_names() -> list[str]:
+    trained = checkpoint.TRAINED
+    return sorted(p.name for p in trained.iterdir() if is_checkpoint(p)) if trained.is_dir() else []
+
+
+def load_model(name_or_path: str, device="cpu"):
+    """(model in eval mode, tokenizer or None) for a trained/ name or folder, or a Hugging Face GPT-2
+    or Llama checkpoint (hub id such as "gpt2" or "meta-llama/Llama-3.2-1B", or a local directory)."""
+    trained = checkpoint.TRAINED / name_or_path
+    path = trained if trained.is_dir() else Path(name_or_path).expanduser()
+    if is_checkpoint(path):
+        model, train_config = load_checkpoint(path, device)
+        spec = train_config.get("tokenizer")
+        return model, (load_tokenizer(spec) if spec else None)
+    if not path.is_dir() and "/" not in name_or_path and name_or_path not in HF_GPT2:
+        known = trained_names()
+        raise LoadError(f"no model {name_or_path!r}{closest(name_or_path, known)}: trained/ has "
+                        f"{', '.join(known) or 'nothing yet'}; Hugging Face ids look like owner/name or {HF_GPT2[0]}")
+    model = load_hf_model(name_or_path, device)
+    try:  # a checkpoint may come without tokenizer files
+        tokenizer = load_tokenizer(name_or_path if name_or_path in HF_GPT2 else f"hf:{name_or_path}")
+    except TokenizerError:
+        tokenizer = None
+    return model, tokenizer
