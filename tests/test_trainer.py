@@ -236,9 +236,10 @@ def test_vocab_smaller_than_the_tokenizer_is_refused(workspace):
 
 
 def torchrun(workspace, tmp_path, name, nproc, *extra):
-    args = ["--data", str(workspace), "--tokenizer=bytes", "--preset=llama3-1m", "--dim=32", "--n_layers=2",
-            "--context_length=32", "--max_steps=6", "--log_every=1", "--eval_every=3", "--eval_batches=2",
-            "--warmup_steps=2", "--device=cpu", f"--name={name}", *extra]
+    settings = ["--data", str(workspace), "--tokenizer=bytes", "--preset=llama3-1m", "--dim=32", "--n_layers=2",
+                "--context_length=32", "--max_steps=6", "--log_every=1", "--eval_every=3", "--eval_batches=2",
+                "--warmup_steps=2", "--device=cpu"]
+    args = [f"--name={name}", *extra] + ([] if "--resume" in extra else settings)
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "train.py", *args]
     env = {**os.environ, "TRAINED_DIR": str(tmp_path / "trained"), "DATA_CACHE": str(tmp_path / "cache"),
            "OMP_NUM_THREADS": "1"}
@@ -250,7 +251,11 @@ def torchrun(workspace, tmp_path, name, nproc, *extra):
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(workspace, tmp_path, sharding):
     one = torchrun(workspace, tmp_path, "one", 1, "--batch_size=8")
-    two = torchrun(workspace, tmp_path, "two", 2, "--batch_size=4", f"--fsdp={sharding == 'fsdp'}")
+    two_processes = ["--batch_size=4", f"--fsdp={sharding == 'fsdp'}"]
+    if sharding == "fsdp":  # and through a stop and a resume, which gather and scatter the sharded state
+        torchrun(workspace, tmp_path, "two", 2, *two_processes, "--stop_at=4")
+        two_processes = ["--resume"]
+    two = torchrun(workspace, tmp_path, "two", 2, *two_processes)
     assert np.allclose(one[EXACT_COLUMNS].to_numpy(float), two[EXACT_COLUMNS].to_numpy(float), atol=1e-5, equal_nan=True)
     assert two["tokens_seen"].iloc[-1] == 6 * 8 * 32
     assert sorted(p.name for p in (tmp_path / "trained" / "two").iterdir()) == [

@@ -25,7 +25,7 @@ from toolkit import checkpoint
 from toolkit.checkpoint import (MODEL_CONFIG, TRAIN_CONFIG, WEIGHTS, load_state_dict_file, read_json,
                                 save_configs, save_model, unwrap, write_atomically)
 from toolkit.data import Batches, TokenData, prepare_data, validation_batches
-from toolkit.hf import LoadError
+from toolkit.metrics import autocast, score, token_byte_lengths
 from toolkit.schedule import learning_rate
 from toolkit.tokenizer import load_tokenizer
 
@@ -263,10 +263,6 @@ class StopRequest:
 
 # --- the steps of the loop ---
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -293,25 +289,6 @@ def train_step(model, optimizer, micro_batches, cfg: TrainConfig, env: Distribut
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / len(micro_batches), grad_norm
-
-
-@torch.no_grad()
-def evaluate(model, val_set, byte_lengths, device) -> tuple[float, float]:
-    """(mean loss per token, bits per byte) on the fixed validation set, in eval mode (no dropout).
-    Every process evaluates the whole set, so sharded models run the same collectives."""
-    was_training = model.training
-    model.eval()
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = n_bytes = 0
-    for batch in val_set:
-        with autocast(device):
-            _, loss = model(**to_device(batch, device))
-        nats += loss.double() * batch["targets"].numel()
-        tokens += batch["targets"].numel()
-        n_bytes += int(byte_lengths[batch["targets"]].sum())
-    model.train(was_training)
-    nats = nats.item()
-    return nats / tokens, nats / (math.log(2) * n_bytes)
 
 
 def mean_across_processes(value: float, env: Distributed) -> float:
@@ -364,8 +341,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=False, overwrite=Fals
     # run batch_size sequences at a time.
     val_set = validation_batches(val_data, seq_len, cfg.batch_size, cfg.eval_batches * batches.global_batch,
                                  cfg.doc_masking)
-    byte_lengths = torch.tensor([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)]
-                                + [0] * (model_cfg.vocab_size - tokenizer.vocab_size))
+    byte_lengths = token_byte_lengths(tokenizer, model_cfg.vocab_size)
     progress = Progress()
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs between processes
     wrapped = wrap_model(model, cfg, env, device)
@@ -414,8 +390,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=False, overwrite=Fals
                 row = {"step": progress.step, "tokens_seen": progress.tokens_seen,
                        "elapsed_s": round(progress.elapsed_s, 3), "lr": lr, "train_loss": train_loss,
                        "grad_norm": float(grad_norm), "tokens_per_s": round(interval_steps * tokens_per_step / seconds, 1)}
-                if evaluate_now:
-                    row["val_loss"], row["val_bpb"] = evaluate(wrapped, val_set, byte_lengths, device)
+                if evaluate_now:  # every process scores the whole set, so sharded models run the same collectives
+                    scores = score(wrapped, val_set, byte_lengths, device)
+                    row["val_loss"], row["val_bpb"] = scores.loss, scores.bits_per_byte
                 log.write(row)
                 if bar is not None:
                     postfix = {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
