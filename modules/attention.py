@@ -126,11 +126,8 @@ class CausalSelfAttention(LoggingModule):
             self.k_norm = NORMS[cfg.norm](cfg.head_dim, cfg.norm_eps, cfg.norm_affine, cfg.norm_bias)
         self.dropout = cfg.attn_dropout
 
-    @log_io
-    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None):
-        """x: (B, T, dim). rope: (cos, sin) tables or None. mask: None means causal (each query sees
-        itself and every earlier key), else a boolean tensor (True = may attend) or a FlexAttention
-        BlockMask. cache: keys and values of earlier steps, extended in place."""
+    def heads(self, x, rope=None):
+        """Queries (B, n_heads, T, head_dim), keys and values (B, n_kv_heads, T, head_dim), normed and rotated."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -140,6 +137,24 @@ class CausalSelfAttention(LoggingModule):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
+
+    def attention_probabilities(self, x, rope=None, mask=None):
+        """The (B, n_heads, T, T) softmax weights that forward's SDPA never materialises, for looking at.
+        mask as in forward (None: causal)."""
+        q, k, _ = self.heads(x, rope)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        allowed = causal_mask(x.shape[1], device=x.device) if mask is None else mask
+        return scores.masked_fill(~allowed, -math.inf).softmax(-1)
+
+    @log_io
+    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None):
+        """x: (B, T, dim). rope: (cos, sin) tables or None. mask: None means causal (each query sees
+        itself and every earlier key), else a boolean tensor (True = may attend) or a FlexAttention
+        BlockMask. cache: keys and values of earlier steps, extended in place."""
+        B, T, _ = x.shape
+        q, k, v = self.heads(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         dropout = self.dropout if self.training else 0.0

@@ -158,3 +158,15 @@ def test_flex_attention_document_mask_equals_dense_mask(window):
             warnings.simplefilter("ignore")
             flex = attn(x, mask=document_block_mask(doc_ids, window))
     assert torch.allclose(dense, flex, atol=1e-5)
+
+
+def test_attention_probabilities_reproduce_the_output():
+    """The weights shown in view_modules.ipynb are the ones forward uses: weights @ v gives its output."""
+    cfg = config(positions="rope", n_kv_heads=2, sliding_window=4)
+    attn, rotary = CausalSelfAttention(cfg), Rotary(cfg.head_dim, 64)
+    x, rope, mask = torch.randn(2, 10, 32), rotary(0, 10), causal_mask(10, window=4)
+    weights = attn.attention_probabilities(x, rope, mask)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 4, 10)) and (weights.masked_select(~mask) == 0).all()
+    _, _, v = attn.heads(x, rope)
+    mixed = weights @ v.repeat_interleave(2, dim=1)
+    assert torch.allclose(attn.out(mixed.transpose(1, 2).reshape(2, 10, 32)), attn(x, rope, mask), atol=1e-5)
