@@ -7,8 +7,15 @@ from pathlib import Path
 from config import closest
 from toolkit import checkpoint
 from toolkit.checkpoint import is_checkpoint, load_checkpoint, save_model
+from toolkit.data import DataError, prepare_data, read_documents
+from toolkit.generate import GenerationError, GenerationSettings, generate
 from toolkit.hf import LoadError, export_hf, load_hf_model
+from toolkit.metrics import score, text_batches
 from toolkit.tokenizer import Tokenizer, TokenizerError, available_tokenizers, load_tokenizer
+
+__all__ = ["load_model", "save_model", "export_hf", "trained_names", "load_tokenizer", "available_tokenizers",
+           "Tokenizer", "read_documents", "prepare_data", "generate", "GenerationSettings", "score", "text_batches",
+           "LoadError", "TokenizerError", "DataError", "GenerationError"]
 
 HF_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")  # hub ids without an owner
 
