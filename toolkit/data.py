@@ -7,6 +7,7 @@ meta.json, written last: a folder without it is an interrupted build and is rebu
 """
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -135,17 +136,9 @@ def read_hub(name: str, max_docs: int | None):
                         f"tokenized copy is cached: connect once, or train on local files: {LOCAL_EXAMPLE}") from None
     if column not in first:
         raise DataError(f"{repo} has no {column!r} field (fields: {', '.join(first)})")
-    rows = (r[column] for r in _chain(first, rows))
+    rows = (r[column] for r in itertools.chain([first], rows))
     docs = _join_separated_lines(rows) if data_file and data_file.endswith(".txt") else rows
-    for count, doc in enumerate(docs):
-        if max_docs is not None and count >= max_docs:
-            return
-        yield doc
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
+    yield from itertools.islice(docs, max_docs)
 
 
 def _join_separated_lines(lines):
@@ -177,7 +170,7 @@ def read_documents(spec: str, text_format: str = "auto", max_docs: int | None = 
         yield from read_hub(spec, max_docs)
         return
     docs = (doc for path in local_files(spec) for doc in read_file(path, text_format))
-    yield from (docs if max_docs is None else (doc for _, doc in zip(range(max_docs), docs)))
+    yield from itertools.islice(docs, max_docs)
 
 
 def split_documents(spec: str, text_format: str, val_fraction: float, max_docs: int | None):
