@@ -68,7 +68,7 @@ def test_same_seed_same_weights_and_losses():
 
     (a, la), (b, lb), (c, lc) = run(0), run(0), run(1)
     assert la == lb and all(torch.equal(a[k], b[k]) for k in a)
-    assert la != lc
+    assert la != lc and not torch.equal(a["embed.weight"], c["embed.weight"])
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -22,8 +22,8 @@ from torch import nn
 from config import ModelConfig, TrainConfig
 from modules.model import Model
 from toolkit import checkpoint
-from toolkit.checkpoint import (MODEL_CONFIG, TRAIN_CONFIG, WEIGHTS, load_state_dict_file, read_json,
-                                save_configs, save_model, unwrap, write_atomically)
+from toolkit.checkpoint import (MODEL_CONFIG, TRAIN_CONFIG, WEIGHTS, load_state_dict_file, save_configs,
+                                save_model, unwrap, write_atomically)
 from toolkit.data import Batches, TokenData, prepare_data, validation_batches
 from toolkit.metrics import autocast, score, token_byte_lengths
 from toolkit.schedule import learning_rate
