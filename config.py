@@ -188,19 +188,21 @@ class TrainConfig(Settings):
     """How to train: data, tokenizer, optimisation, evaluation and logging. `python train.py` uses
     these defaults; override any of them with --field=value."""
     name: str = "Llama3_1m"  # the run's folder: trained/NAME
-    data: str = "tinystories"  # a dataset name (tinystories, fineweb-edu, hf:ID) or local files, folders, globs (comma-separated)
+    # the stories shipped in data/ (tinystories-sample, tinystories-heldout, shakespeare), a hub dataset
+    # (tinystories: all of TinyStoriesV2, streamed; fineweb-edu; hf:ID) or local files, folders, globs (comma-separated)
+    data: str = "tinystories-sample"
     text_format: str = "auto"  # .txt layout: auto | documents (<|endoftext|> lines) | lines | whole
     max_docs: int | None = None  # read at most this many documents (hub datasets are large)
     val_fraction: float = 0.1  # documents (or, for one whole text, its tail) held out for validation
-    tokenizer: str = "tinystories-2048"  # see toolkit/tokenizer.py: FAMILY-SIZE, bytes, gpt2, hf:ID
+    tokenizer: str = "tinystories-sample-2048"  # see toolkit/tokenizer.py: FAMILY-SIZE, bytes, gpt2, hf:ID
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False  # torch.compile the model (falls back to eager with a warning if it fails)
     seed: int = 1337
-    batch_size: int = 32  # sequences per micro-batch per process
+    batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 2000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    max_steps: int = 1600  # 1600 x 16 x 256 = 6.55M tokens at the default context_length
+    lr: float = 2e-3
+    min_lr: float = 2e-4
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant, each after linear warmup
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays to min_lr
@@ -228,7 +230,7 @@ class TrainConfig(Settings):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be zero or positive")
         if self.max_docs is not None:
             require(self.max_docs > 0, "max_docs", self.max_docs, "must be None or positive")
-        require(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
+        require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in (0, 1): validation needs data")
         require(self.lr > 0, "lr", self.lr, "must be positive")
         require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
         require(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "must be in (0, 1]")

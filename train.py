@@ -1,8 +1,9 @@
 """Train a language model into trained/NAME.
 
-    python train.py                                   # what config.py says (Llama-style 1M on TinyStories)
+    python train.py                                   # what config.py says: Llama-style 1M on the stories in data/
     python train.py --preset=gpt2-1m --name=GPT2_1m --n_layers=8 --lr=3e-4 --device=cpu
-    python train.py --data=../shared/data/tinyshakespeare/input.txt --tokenizer=bytes --name=shakespeare
+    python train.py --data=tinystories --name=Llama3_1m_full   # all of TinyStoriesV2, streamed from the hub
+    python train.py --data=shakespeare --tokenizer=bytes --name=shakespeare
     python train.py --name=GPT2_1m --resume           # continue a run (train settings may be overridden)
     torchrun --nproc_per_node=4 train.py ...          # DDP on 4 GPUs (add --fsdp=true to shard the model)
 
@@ -16,7 +17,7 @@ from config import ConfigError, ModelConfig, TrainConfig
 from toolkit import checkpoint
 from toolkit.checkpoint import MODEL_CONFIG, TRAIN_CONFIG, read_json
 from toolkit.cli import describe_fields, route_overrides, split_arguments
-from toolkit.data import DataError
+from toolkit.data import DataError, absolute_spec
 from toolkit.hf import LoadError
 from toolkit.tokenizer import TokenizerError, load_tokenizer
 from toolkit.trainer import TrainError, command_line, train
@@ -42,7 +43,10 @@ def configs(argv: list[str]):
             raise ConfigError(f"--resume continues trained/{name} as it was built: drop the model settings "
                               f"({', '.join(model_overrides) or 'preset'}) or start a new --name")
         model_cfg = ModelConfig.from_dict(read_json(checkpoint.TRAINED / name / MODEL_CONFIG))
-        train_cfg = TrainConfig.from_dict({**read_json(checkpoint.TRAINED / name / TRAIN_CONFIG), **train_overrides})
+        saved = read_json(checkpoint.TRAINED / name / TRAIN_CONFIG)
+        saved.pop("data_sha256", None)  # recorded with the run, not a setting: the trainer checks it
+        saved["data"] = absolute_spec(saved["data"])  # recorded relative to the project root
+        train_cfg = TrainConfig.from_dict({**saved, **train_overrides})
         return model_cfg, train_cfg, flags, stop_at
     train_cfg = TrainConfig(**train_overrides)
     if "vocab_size" not in model_overrides:

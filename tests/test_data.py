@@ -1,14 +1,22 @@
-"""Data: reading every source format, the document split, token shards and their cache, batches."""
+"""Data: reading every source format, the texts shipped in data/, data identity and resume checks, the hub
+offline, the document split, token shards and their cache, batches."""
+import gzip
+import hashlib
 import json
+import socket
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from toolkit import data
-from toolkit.data import (Batches, DataError, TokenData, is_validation, prepare_data, read_documents,
-                          split_documents, validation_batches)
-from toolkit.tokenizer import load_tokenizer
+from config import ConfigError, ModelConfig, TrainConfig
+from conftest import ROOT
+from toolkit import checkpoint, data
+from toolkit.data import (EMBEDDED, Batches, DataError, TokenData, is_validation, prepare_data, read_documents,
+                          read_text, resolve, split_documents, validation_batches)
+from toolkit.tokenizer import TOKENIZERS_DIR, load_tokenizer
 
 DOCS = ["Once upon a time there was a cat.\nIt liked milk.", "A dog ran.", "Ünïcode 😀 story\n\nwith a blank line."]
 
@@ -55,20 +63,23 @@ def test_bad_sources_give_one_line_errors(tmp_path):
         assert "\n" not in str(error.value)
 
 
-def test_hub_dataset_offline_names_the_local_alternative(monkeypatch):
+def test_hub_dataset_failing_names_the_shipped_alternative(monkeypatch):
     import datasets
 
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
 
+    monkeypatch.setattr(data, "hub_unreachable", lambda: None)  # the hub answers, then datasets fails
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match=r"--data=\.\./shared/data"):
+    with pytest.raises(DataError, match=r"\(ConnectionError\).*--data=tinystories-sample") as error:
         list(read_documents("tinystories"))
+    assert "\n" not in str(error.value)
 
 
 def test_hub_text_file_is_streamed_back_into_documents(monkeypatch):
     """TinyStoriesV2 arrives as lines of one text file; its <|endoftext|> lines separate the stories."""
     import datasets
+    monkeypatch.setattr(data, "hub_unreachable", lambda: None)
     lines = ["Story one.", "", "Still one.", "<|endoftext|>", "Story two.", "<|endoftext|>", "Three"]
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [{"text": line} for line in lines])
     assert list(read_documents("tinystories")) == ["Story one.\n\nStill one.", "Story two.", "Three"]
@@ -225,13 +236,229 @@ def test_too_little_data_says_what_to_do(tmp_path):
         Batches(train, 16, 8, seed=0)
 
 
-def test_real_tinystories_tokenize_into_both_splits(shared_data):
-    tokenizer = load_tokenizer("tinystories-2048")
-    directory = prepare_data(str(shared_data / "tinystories" / "tinystories_extra_1.txt"), tokenizer, progress=False)
+def test_real_tinystories_tokenize_into_both_splits():
+    tokenizer = load_tokenizer("tinystories-sample-2048")
+    directory = prepare_data("tinystories-sample", tokenizer, progress=False)
     meta = json.loads((directory / "meta.json").read_text())
-    assert meta["train"]["documents"] + meta["val"]["documents"] == 1721
-    assert 0.07 < meta["val"]["documents"] / 1721 < 0.13
+    assert meta["train"]["documents"] + meta["val"]["documents"] == N_TRAIN
+    assert 0.08 < meta["val"]["documents"] / N_TRAIN < 0.12
     val = TokenData(directory, "val")
     first = val.read(int(val.doc_starts[0]), int(val.doc_starts[1]))
     assert first[0] == tokenizer.bos_id and first[-1] == tokenizer.eos_id
     assert len(tokenizer.decode(first).encode()) == val.doc_bytes[0]
+
+
+# --- the texts shipped in data/ ---
+
+N_TRAIN, N_HELDOUT = 5099, 650  # stories in data/tinystories/{train,heldout}.txt.gz (data/README.md)
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # karpathy/char-rnn's input.txt
+
+
+def normalised(story):
+    return " ".join(story.split())
+
+
+def test_gzipped_text_and_jsonl_read_as_the_plain_files(tmp_path):
+    folder = write_sources(tmp_path / "src")
+    (tmp_path / "gz").mkdir()
+    names = ["a_separated.txt", "b_lines.txt", "c_records.jsonl", "e_whole.txt"]
+    for name in names:
+        (tmp_path / "gz" / f"{name}.gz").write_bytes(gzip.compress((folder / name).read_bytes()))
+        assert list(read_documents(str(tmp_path / "gz" / f"{name}.gz"))) == list(read_documents(str(folder / name)))
+    assert list(read_documents(str(tmp_path / "gz"))) == [d for n in names for d in read_documents(str(folder / n))]
+    assert read_text(str(tmp_path / "gz" / "e_whole.txt.gz")) == (folder / "e_whole.txt").read_text()
+    tokenizer = load_tokenizer("bytes")
+    plain, zipped = (TokenData(prepare_data(str(path), tokenizer, progress=False), "train")
+                     for path in (folder / "a_separated.txt", tmp_path / "gz" / "a_separated.txt.gz"))
+    assert plain.read(0, len(plain)).tolist() == zipped.read(0, len(zipped)).tolist()
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(b"story " * 1000)[:40])
+    with pytest.raises(DataError, match="not a complete gzip file") as error:
+        list(read_documents(str(tmp_path / "cut.txt.gz")))
+    assert "\n" not in str(error.value)
+
+
+def test_shipped_texts_by_name():
+    train, heldout = list(read_documents("tinystories-sample")), list(read_documents("tinystories-heldout"))
+    assert (len(train), len(heldout)) == (N_TRAIN, N_HELDOUT)
+    assert read_text("tinystories-heldout") == "".join(story + "\n<|endoftext|>\n" for story in heldout)  # V2 layout
+    assert list(read_documents("tinystories-sample,tinystories-heldout")) == train + heldout
+    (play,) = read_documents("shakespeare")  # one whole text: split by position, not by document
+    assert hashlib.sha256(play.encode()).hexdigest() == SHAKESPEARE_SHA256 and read_text("shakespeare") == play
+    assert resolve("tinystories-heldout,shakespeare") == [EMBEDDED["tinystories-heldout"], EMBEDDED["shakespeare"]]
+    assert all(path.is_relative_to(ROOT / "data") and path.suffix == ".gz" for path in EMBEDDED.values())
+    with pytest.raises(DataError, match="a shipped text .*tinystories-sample"):
+        resolve("tinystories-sampel")
+
+
+def test_heldout_stories_are_apart_from_the_training_stories():
+    train = [normalised(story) for story in read_documents("tinystories-sample")]
+    heldout_stories = list(read_documents("tinystories-heldout"))
+    heldout = [normalised(story) for story in heldout_stories]
+    assert len(set(train)) == len(train) and len(set(heldout)) == len(heldout)  # duplicates were dropped
+    assert not set(train) & set(heldout)
+    tokens = sum(map(len, load_tokenizer("tinystories-sample-2048").encode(heldout_stories)))
+    assert len(heldout) >= 500 and tokens >= 100_000
+
+
+def test_the_default_tokenizer_never_saw_the_heldout_stories():
+    assert (TrainConfig().data, TrainConfig().tokenizer) == ("tinystories-sample", "tinystories-sample-2048")
+    family = json.loads((TOKENIZERS_DIR / "tinystories-sample" / "family.json").read_text())
+    train, heldout = list(read_documents("tinystories-sample")), list(read_documents("tinystories-heldout"))
+    assert [source["path"] for source in family["sources"]] == ["data/tinystories/train.txt.gz"]
+    assert (family["training_documents"], family["training_bytes"]) == (len(train), sum(len(s.encode()) for s in train))
+    assert (family["heldout_documents"], family["heldout_bytes"]) == (len(heldout), sum(len(s.encode()) for s in heldout))
+    measured = {str(size): round(load_tokenizer(f"tinystories-sample-{size}").bytes_per_token(heldout), 3)
+                for size in family["sizes"]}
+    assert measured == family["bytes_per_token"] and list(measured.values()) == sorted(measured.values())
+    readme = (TOKENIZERS_DIR / "tinystories-sample" / "README.md").read_text()
+    assert all(f"| {size} | {value} |" in readme for size, value in measured.items())
+
+
+def test_derive_rebuilds_the_shipped_files_byte_for_byte(shared_data, tmp_path):
+    import subprocess
+    done = subprocess.run([sys.executable, str(ROOT / "data" / "derive.py"), str(shared_data), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for path in ("tinystories/train.txt.gz", "tinystories/heldout.txt.gz", "tinyshakespeare/input.txt.gz"):
+        assert (tmp_path / path).read_bytes() == (ROOT / "data" / path).read_bytes(), path
+    assert gzip.decompress(EMBEDDED["shakespeare"].read_bytes()) == (shared_data / "tinyshakespeare/input.txt").read_bytes()
+    # every source story is in exactly one of the two files; the shipped models' held-out stories stay held out
+    sources = ["tinystories_sample_3000.txt", "TinyStories-train-first1000.txt", "tinystories_extra_1.txt",
+               "tinystories_sample_cs336.txt", "tinystories_extra_2.txt"]
+    source_stories = {normalised(s) for name in sources for s in read_documents(str(shared_data / "tinystories" / name))}
+    train = {normalised(story) for story in read_documents("tinystories-sample")}
+    heldout = {normalised(story) for story in read_documents("tinystories-heldout")}
+    assert source_stories == train | heldout and len(train) + len(heldout) == N_TRAIN + N_HELDOUT
+    assert {normalised(s) for s in read_documents(str(shared_data / "tinystories/tinystories_extra_2.txt"))} <= heldout
+
+
+# --- data identity: what a run records, and resume on other data ---
+
+def test_data_hash_is_the_sha256_of_the_files_bytes(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("one\n<|endoftext|>\n")
+    b.write_text("two\n<|endoftext|>\n")
+    assert data.data_sha256(str(a)) == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert data.data_sha256(f"{a},{b}") == hashlib.sha256(a.read_bytes() + b.read_bytes()).hexdigest()
+    assert data.data_sha256("shakespeare") == hashlib.sha256(EMBEDDED["shakespeare"].read_bytes()).hexdigest()
+    before = data.data_sha256(str(a))
+    a.write_text("one, changed\n<|endoftext|>\n")
+    assert data.data_sha256(str(a)) == hashlib.sha256(a.read_bytes()).hexdigest() != before
+    # a hub dataset is identified by what it is (no network): id, config, file and max_docs
+    assert len({data.data_sha256("tinystories"), data.data_sha256("tinystories", 10), data.data_sha256("fineweb-edu")}) == 3
+
+
+def test_runs_record_data_relative_to_the_project(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT / "data")
+    assert data.portable_spec("tinystories/train.txt.gz,tinystories-heldout") == \
+        "data/tinystories/train.txt.gz,tinystories-heldout"
+    assert data.portable_spec(str(tmp_path / "x.txt")) == str(tmp_path.resolve() / "x.txt")
+    assert data.portable_spec("tinystories") == "tinystories" and data.portable_spec("hf:a/b:c") == "hf:a/b:c"
+    monkeypatch.chdir(tmp_path)
+    recorded = f"data/tinystories/train.txt.gz,shakespeare,{tmp_path / 'x.txt'}"
+    assert data.absolute_spec(recorded) == f"{ROOT / 'data/tinystories/train.txt.gz'},shakespeare,{tmp_path / 'x.txt'}"
+    assert data.portable_spec(data.absolute_spec(recorded)) == recorded
+
+
+def tiny_run(spec, resume=False, stop_at=None, **overrides):
+    model_cfg = ModelConfig.preset("llama3-1m", vocab_size=259, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                   context_length=32)
+    values = dict(name="run", data=spec, tokenizer="bytes", device="cpu", batch_size=2, max_steps=4, warmup_steps=1,
+                  log_every=1, eval_every=2, eval_batches=1, save_every=2)
+    return train_run(model_cfg, TrainConfig(**{**values, **overrides}), resume=resume, stop_at=stop_at)
+
+
+def train_run(model_cfg, train_cfg, resume=False, stop_at=None):
+    from toolkit.trainer import train
+    return train(model_cfg, train_cfg, resume=resume, stop_at=stop_at, progress_bar=False)
+
+
+@pytest.fixture
+def runs_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "TRAINED", tmp_path / "trained")
+
+
+def test_resume_from_another_folder_finds_data_recorded_relative_to_the_project(runs_in_tmp, tmp_path, monkeypatch):
+    from train import configs
+    monkeypatch.chdir(ROOT)
+    out = tiny_run("data/tinyshakespeare/input.txt.gz", stop_at=2)
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["data"] == "data/tinyshakespeare/input.txt.gz"
+    assert saved["data_sha256"] == hashlib.sha256(EMBEDDED["shakespeare"].read_bytes()).hexdigest()
+    monkeypatch.chdir(tmp_path)
+    model_cfg, train_cfg, _, _ = configs(["--resume", "--name=run"])
+    assert train_cfg.data == str(EMBEDDED["shakespeare"])
+    train_run(model_cfg, train_cfg, resume=True)
+    assert (out / "log_data.csv").read_text().splitlines()[-1].startswith("4,")
+    assert json.loads((out / "train_config.json").read_text()) == saved
+
+
+def test_resume_refuses_other_or_changed_data(runs_in_tmp, tmp_path):
+    source, other = tmp_path / "stories.txt", tmp_path / "other.txt"
+    text = "".join(f"Story {k} about a cat.\n<|endoftext|>\n" for k in range(300))
+    source.write_text(text)
+    other.write_text(text.replace("cat", "dog"))
+    tiny_run(str(source), stop_at=2)
+    for spec, overrides, message in [
+            (str(other), {}, f"it was trained on '{source}', not '{other}'; drop --data or start a new --name"),
+            (str(source), {"val_fraction": 0.2}, "val_fraction was 0.1, now 0.2"),
+            (str(source), {"max_docs": 100}, "max_docs was None, now 100")]:
+        with pytest.raises(DataError) as error:
+            tiny_run(spec, resume=True, **overrides)
+        assert message in str(error.value) and "\n" not in str(error.value)
+    source.write_text(text + "One more story.\n<|endoftext|>\n")
+    with pytest.raises(DataError, match=r"--resume needs the run's data as it was: '.*stories.txt' has changed since"):
+        tiny_run(str(source), resume=True)
+    source.write_text(text)  # the same bytes again: the run goes on
+    out = tiny_run(str(source), resume=True)
+    assert (out / "log_data.csv").read_text().splitlines()[-1].startswith("4,")
+
+
+# --- the hub without a network ---
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("setting, reason", [
+    ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ({"HF_DATASETS_OFFLINE": "true"}, "HF_DATASETS_OFFLINE is set"),
+    ({"HF_ENDPOINT": "http://127.0.0.1:{port}"}, "127.0.0.1:{port}: Connection refused"),
+])
+def test_hub_datasets_fail_at_once_in_one_line_without_network(monkeypatch, tmp_path, setting, reason):
+    from toolkit.tokenizer_training import main
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "NO_PROXY", "no_proxy",
+                 *(f"{scheme}_PROXY" for scheme in ("HTTP", "HTTPS", "ALL")),
+                 *(f"{scheme}_proxy" for scheme in ("http", "https", "all"))):
+        monkeypatch.delenv(name, raising=False)
+    port = closed_port()
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value.format(port=port))
+    for attempt in (lambda: list(read_documents("tinystories", max_docs=5)),
+                    lambda: list(read_documents("hf:owner/name:config")),
+                    lambda: main(["--name=x", f"--out={tmp_path / 'x'}", "--quiet", "--data", "fineweb-edu"])):
+        start = time.perf_counter()
+        with pytest.raises((DataError, SystemExit)) as error:
+            attempt()
+        message = str(error.value.code if isinstance(error.value, SystemExit) else error.value)
+        assert time.perf_counter() - start < 5
+        assert reason.format(port=port) in message and "--data=tinystories-sample" in message and "\n" not in message
+
+
+# --- validation needs data ---
+
+def test_a_validation_split_of_nothing_is_refused(tmp_path):
+    for value in (0, 0.0, 1.0, -0.1):
+        with pytest.raises(ConfigError) as error:
+            TrainConfig(val_fraction=value)
+        assert "must be in (0, 1): validation needs data" in str(error.value) and "\n" not in str(error.value)
+    from train import configs
+    with pytest.raises(ConfigError, match=r"val_fraction=0.0 is not valid: must be in \(0, 1\)"):
+        configs(["--val_fraction=0"])
+    # prepare_data itself allows val_fraction 0 (the tests use it); an empty split is then one line, not a traceback
+    (tmp_path / "t.txt").write_text("".join(f"doc {k}\n<|endoftext|>\n" for k in range(20)))
+    directory = prepare_data(str(tmp_path / "t.txt"), load_tokenizer("bytes"), val_fraction=0.0, progress=False)
+    with pytest.raises(DataError, match="the validation split has 0 tokens"):
+        validation_batches(TokenData(directory, "val"), 8, 2, 4)

@@ -37,10 +37,10 @@ def tokenizers():
     return {**loaded, "tinystories-min": smallest}
 
 
-def stories(shared_data, n_bytes):
-    """The first stories of the 3,000-story sample, about n_bytes of them."""
+def stories(n_bytes):
+    """The first stories shipped in data/ (tinystories-sample), about n_bytes of them."""
     docs, total = [], 0
-    for doc in read_documents(str(shared_data / "tinystories/tinystories_sample_3000.txt")):
+    for doc in read_documents("tinystories-sample"):
         if total >= n_bytes:
             break
         docs.append(doc)
@@ -174,8 +174,20 @@ def test_names_paths_and_sizes_load_the_same_tokenizer():
     assert {"tinystories-2048", "fineweb-edu-8192", "bytes"} <= set(available_tokenizers())
 
 
+def test_family_names_may_contain_dashes():
+    """The size follows the last dash: tinystories-sample-2048 is family tinystories-sample at 2048."""
+    named = load_tokenizer("tinystories-sample-2048")
+    assert (named.name, named.vocab_size) == ("tinystories-sample-2048", 2048)
+    by_path = load_tokenizer(str(TOKENIZERS_DIR / "tinystories-sample"), 2048)
+    assert [named.sp.id_to_piece(i) for i in range(2048)] == [by_path.sp.id_to_piece(i) for i in range(2048)]
+    other = load_tokenizer("tinystories-2048")  # a family of its own, not tinystories cut somewhere
+    assert [named.sp.id_to_piece(i) for i in range(2048)] != [other.sp.id_to_piece(i) for i in range(2048)]
+    assert {"tinystories-sample-2048", "tinystories-2048"} <= set(available_tokenizers())
+
+
 @pytest.mark.parametrize("spec, message", [
     ("tinystories", "has no size"), ("tinystories-big", "has no size"), ("nosuchfamily-1024", "unknown tokenizer"),
+    ("tinystories-sample", "has no size"), ("tinystories-sample-100", "outside"),
     ("tinystories-8193", "outside"), ("tinystories-100", "outside"),
 ])
 def test_user_errors_say_what_to_do(spec, message):
@@ -259,9 +271,9 @@ def test_family_readme_figures_are_measured_on_its_heldout_text(shared_data, fam
 
 # --- training ---
 
-def test_train_family_is_nested_and_exact(shared_data, tmp_path):
-    docs = stories(shared_data, 300_000)
-    heldout, _ = read_sources([shared_data / HELDOUT], verbose=False)
+def test_train_family_is_nested_and_exact(tmp_path):
+    docs = stories(300_000)
+    heldout, _ = read_sources(["tinystories-heldout"], verbose=False)
     family = train_family(docs, [600, 400], tmp_path / "small", heldout=heldout, verbose=False)
     assert (family["sizes"], family["max_size"], family["training_documents"]) == ([400, 600], 600, len(docs))
     assert json.loads((tmp_path / "small" / "family.json").read_text())["bytes_per_token"] == family["bytes_per_token"]
@@ -279,8 +291,8 @@ def test_train_family_is_nested_and_exact(shared_data, tmp_path):
     assert 1.5 < family["bytes_per_token"]["400"] < family["bytes_per_token"]["600"]
 
 
-def test_training_never_learns_the_document_separator(shared_data, tmp_path):
-    docs = stories(shared_data, 200_000)
+def test_training_never_learns_the_document_separator(tmp_path):
+    docs = stories(200_000)
     text = "".join(doc + "\n<|endoftext|>\n" for doc in docs)
     (tmp_path / "stories.txt").write_text(text)
     assert list(read_documents(str(tmp_path / "stories.txt"))) == docs
@@ -289,8 +301,8 @@ def test_training_never_learns_the_document_separator(shared_data, tmp_path):
     assert not [piece for piece in pieces if "endoftext" in piece or "<|" in piece]
 
 
-def test_long_documents_are_cut_at_newlines_not_dropped(shared_data, tmp_path):
-    doc = "\n".join(stories(shared_data, 300_000))  # one 300 KB document, 70 times sentencepiece's limit
+def test_long_documents_are_cut_at_newlines_not_dropped(tmp_path):
+    doc = "\n".join(stories(300_000))  # one 300 KB document, 70 times sentencepiece's limit
     chunks = split_long_document(doc)
     assert "".join(chunks) == doc
     assert all(len(chunk.encode()) <= MAX_SENTENCE_BYTES for chunk in chunks)
@@ -302,14 +314,14 @@ def test_long_documents_are_cut_at_newlines_not_dropped(shared_data, tmp_path):
     assert family["training_sentences"] == len(chunks) and family["training_documents"] == 1
     # it learns as much as from the same stories as separate documents
     train_family(doc.split("\n"), [600], tmp_path / "many-docs", verbose=False)
-    heldout, _ = read_sources([shared_data / HELDOUT], verbose=False)
+    heldout, _ = read_sources(["tinystories-heldout"], verbose=False)
     one, many = (load_tokenizer(str(tmp_path / name), 600).bytes_per_token(heldout)
                  for name in ("one-doc", "many-docs"))
     assert abs(one - many) < 0.02 * many
 
 
-def test_read_sources_reads_every_source_with_the_data_reader(shared_data, tmp_path):
-    docs = stories(shared_data, 20_000)
+def test_read_sources_reads_every_source_with_the_data_reader(tmp_path):
+    docs = stories(20_000)
     (tmp_path / "separated.txt").write_text("\n<|endoftext|>\n".join(docs) + "\n<|endoftext|>\n")
     (tmp_path / "records.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
     read, sources = read_sources([tmp_path / "separated.txt", tmp_path / "records.jsonl"], verbose=False)
@@ -318,8 +330,8 @@ def test_read_sources_reads_every_source_with_the_data_reader(shared_data, tmp_p
     assert sources[0]["bytes"] == sum(len(doc.encode()) for doc in docs)
 
 
-def test_command_line_trains_with_a_heldout_fraction(shared_data, tmp_path, capsys):
-    (tmp_path / "stories.txt").write_text("\n<|endoftext|>\n".join(stories(shared_data, 200_000)))
+def test_command_line_trains_with_a_heldout_fraction(tmp_path, capsys):
+    (tmp_path / "stories.txt").write_text("\n<|endoftext|>\n".join(stories(200_000)))
     main(["--name", "mini", "--data", str(tmp_path / "stories.txt"), "--sizes", "500", "600",
           "--heldout-fraction", "0.1", "--out", str(tmp_path / "mini"), "--quiet"])
     family = json.loads((tmp_path / "mini" / "family.json").read_text())
@@ -336,8 +348,10 @@ def test_command_line_trains_with_a_heldout_fraction(shared_data, tmp_path, caps
     (["--data", "{data}", "--sizes", "5000"], "error: sentencepiece training failed: Vocabulary size too high"),
     (["--data", "{data}", "--heldout-fraction", "1.5"], "error: --heldout-fraction"),
 ])
-def test_command_line_errors_are_one_line(shared_data, tmp_path, args, message):
-    data = str(shared_data / "tinystories/tinystories_sample_cs336.txt")
+def test_command_line_errors_are_one_line(tmp_path, args, message):
+    data = str(tmp_path / "five_stories.txt")
+    five = list(read_documents("tinystories-sample", max_docs=5))
+    (tmp_path / "five_stories.txt").write_text("".join(story + "\n<|endoftext|>\n" for story in five))
     args = [arg.replace("{data}", data) for arg in args]
     with pytest.raises(SystemExit) as exit_info:
         main(["--name", "x", "--out", str(tmp_path / "x"), "--quiet", *args])

@@ -21,7 +21,7 @@ def test_overrides_reach_both_configs_with_their_types():
     assert (train_cfg.name, train_cfg.lr, train_cfg.device, train_cfg.batch_size, train_cfg.compile) == \
         ("tiny", 3e-4, "cpu", 2, False)
     assert flags == {"overwrite"} and stop_at == 5
-    assert model_cfg.vocab_size == 2048  # follows the default tokenizer, tinystories-2048
+    assert model_cfg.vocab_size == 2048  # follows the default tokenizer, tinystories-sample-2048
 
 
 def test_presets_and_the_tokenizer_set_the_model():

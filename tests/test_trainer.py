@@ -262,8 +262,8 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(workspa
         "command.txt", "log_data.csv", "model.safetensors", "model_config.json", "train_config.json", "training_state.pt"]
 
 
-def test_real_text_tiny_shakespeare_learns(shared_data, tmp_path, monkeypatch):
+def test_real_text_tiny_shakespeare_learns(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "TRAINED", tmp_path / "trained")
     monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
-    rows = log(run(shared_data / "tinyshakespeare" / "input.txt", max_steps=60, eval_every=30, batch_size=8))
+    rows = log(run("shakespeare", max_steps=60, eval_every=30, batch_size=8))  # shipped in data/
     assert rows["val_loss"].dropna().iloc[-1] < 3.5  # far below ln(259) = 5.56, the loss of knowing nothing

@@ -1,17 +1,24 @@
-"""Text in, batches out: documents from the hub or local files, tokenized once into cached uint16/uint32
-token shards with a document index, then packed windows drawn without replacement in a seeded order.
+"""Text in, batches out: documents from the hub, the texts shipped in data/ or local files, tokenized once
+into cached uint16/uint32 token shards with a document index, then packed windows drawn without replacement
+in a seeded order.
 
 Cache layout (data_cache/<source>-<key>/): <split>_<n>.bin token shards, <split>_docs.npy (where each
 document starts in the split's token stream), <split>_bytes.npy (UTF-8 bytes per document) and
 meta.json, written last: a folder without it is an interrupted build and is rebuilt.
 """
+import functools
 import glob
+import gzip
 import hashlib
 import itertools
 import json
 import os
 import shutil
+import socket
+import threading
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -30,7 +37,16 @@ HUB_DATASETS = {
     "tinystories": ("roneneldan/TinyStories", None, "TinyStoriesV2-GPT4-train.txt", "text"),
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", None, "text"),
 }
-LOCAL_EXAMPLE = "--data=../shared/data/tinystories/*.txt (files, folders or globs of txt, jsonl or parquet, comma-separated)"
+# Texts shipped with the project (data/README.md says where they come from), usable wherever a data spec is.
+EMBEDDED = {
+    "tinystories-sample": ROOT / "data" / "tinystories" / "train.txt.gz",  # 5,099 TinyStories stories
+    "tinystories-heldout": ROOT / "data" / "tinystories" / "heldout.txt.gz",  # 650 other stories, for evaluation
+    "shakespeare": ROOT / "data" / "tinyshakespeare" / "input.txt.gz",  # Tiny Shakespeare, one whole text
+}
+KINDS = (".txt", ".jsonl", ".parquet")  # .txt and .jsonl may also be gzipped: name.txt.gz
+LOCAL_EXAMPLE = ("--data=tinystories-sample (stories shipped in data/) or local files, folders or globs of "
+                 "txt, jsonl or parquet (comma-separated)")
+HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before saying it cannot be reached
 
 
 def hub_source(spec: str):
@@ -49,21 +65,50 @@ class DataError(ValueError):
 
 # --- documents ---
 
-def local_files(spec: str) -> list[Path]:
-    """The txt/jsonl/parquet files named by a path, folder or glob, or several separated by commas."""
+def file_kind(path: Path) -> str | None:
+    """.txt, .jsonl or .parquet for a data file (name.txt.gz is a gzipped .txt), else None."""
+    unzipped = path.name.removesuffix(".gz")
+    kind = Path(unzipped).suffix
+    return kind if kind in KINDS and not (kind == ".parquet" and unzipped != path.name) else None
+
+
+def open_text(path: Path):
+    """A text file for reading, decompressed on the fly when its name ends in .gz."""
+    if Path(path).suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def resolve(spec: str) -> list[Path]:
+    """The data files of a local spec: shipped names (EMBEDDED), paths, folders or globs, several separated
+    by commas."""
     files = []
     for part in spec.split(","):
         path = Path(part).expanduser()
-        if path.is_dir():
-            found = [p for p in sorted(path.rglob("*")) if p.suffix in (".txt", ".jsonl", ".parquet")]
+        if part in EMBEDDED:
+            if not EMBEDDED[part].is_file():
+                raise DataError(f"the shipped text {part!r} is missing ({EMBEDDED[part]}): restore the "
+                                f"project's data/ folder (git checkout -- data)")
+            found = [EMBEDDED[part]]
+        elif path.is_dir():
+            found = [p for p in sorted(path.rglob("*")) if p.is_file() and file_kind(p)]
         elif path.is_file():
             found = [path]
         else:
             found = [Path(p) for p in sorted(glob.glob(os.path.expanduser(part), recursive=True)) if Path(p).is_file()]
         if not found:
-            raise DataError(f"no data at {part!r}: give a dataset name ({', '.join(HUB_DATASETS)}) or {LOCAL_EXAMPLE}")
+            raise DataError(f"no data at {part!r}: give a dataset name ({', '.join(HUB_DATASETS)}), a shipped "
+                            f"text ({', '.join(EMBEDDED)}) or local files: {LOCAL_EXAMPLE}")
         files += found
     return files
+
+
+def read_text(spec: str) -> str:
+    """The whole text of a local spec's text files, decompressed and joined (raw text, not split into documents)."""
+    files = resolve(spec)
+    if not all(file_kind(path) == ".txt" for path in files):
+        raise DataError(f"{spec!r} is not all text files (.txt or .txt.gz): read it with read_documents")
+    return "".join(doc for path in files for doc in read_file(path, "whole"))
 
 
 def txt_layout(path: Path, text_format: str) -> str:
@@ -73,7 +118,7 @@ def txt_layout(path: Path, text_format: str) -> str:
     if text_format != "auto":
         return text_format
     blank_before, has_blank = False, False  # blank lines at the very end do not count
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for line in f:
             if line.strip() == SEPARATOR:
                 return "documents"
@@ -87,7 +132,7 @@ class WholeText(str):
 
 
 def read_txt(path: Path, layout: str):
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         if layout == "whole":
             yield WholeText(f.read())
             return
@@ -102,15 +147,15 @@ def read_txt(path: Path, layout: str):
 def read_file(path: Path, text_format: str):
     """Documents of one local file."""
     try:
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
+        if file_kind(path) == ".jsonl":
+            with open_text(path) as f:
                 for number, line in enumerate(f, 1):
                     if line.strip():
                         try:
                             yield json.loads(line)["text"]
                         except (json.JSONDecodeError, KeyError, TypeError):
                             raise DataError(f"{path}:{number} is not a JSON object with a 'text' field") from None
-        elif path.suffix == ".parquet":
+        elif file_kind(path) == ".parquet":
             import pyarrow.parquet as pq
             table = pq.ParquetFile(path)
             if "text" not in table.schema_arrow.names:
@@ -121,11 +166,46 @@ def read_file(path: Path, text_format: str):
             yield from read_txt(path, txt_layout(path, text_format))
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{path} is not a complete gzip file ({e}): download or derive it again") from None
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None. Offline mode (HF_HUB_OFFLINE,
+    HF_DATASETS_OFFLINE), or no TCP connection to HF_ENDPOINT (or its proxy) within HUB_PROBE_SECONDS: a
+    short probe, so that no network means one line at once rather than a minute of retries in `datasets`."""
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{variable} is set"
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    failure = []
+
+    def connect():  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection(address, timeout=HUB_PROBE_SECONDS).close()
+        except OSError as e:
+            failure.append(e.strerror or str(e) or type(e).__name__)
+        else:
+            failure.append(None)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_SECONDS)
+    reason = failure[0] if failure else f"no answer in {HUB_PROBE_SECONDS:g} s"
+    return None if reason is None else f"{address[0]}:{address[1]}: {reason}"
 
 
 def read_hub(name: str, max_docs: int | None):
     """Documents of a hub dataset, streamed (so nothing is held in memory or fully downloaded)."""
     repo, config, data_file, column = hub_source(name)
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise DataError(f"cannot stream {name!r} ({repo}) from the Hugging Face hub ({unreachable}) and no "
+                        f"tokenized copy is cached: connect once, or train on local files: {LOCAL_EXAMPLE}")
     try:
         import datasets
         stream = datasets.load_dataset(repo, config, data_files=data_file, split="train", streaming=True)
@@ -165,11 +245,11 @@ def is_validation(text: str, val_fraction: float) -> bool:
 
 
 def read_documents(spec: str, text_format: str = "auto", max_docs: int | None = None):
-    """Every document of a source: a dataset name, hf:ID, or local file, folder or glob."""
+    """Every document of a source: a dataset name, hf:ID, shipped text name, or local file, folder or glob."""
     if hub_source(spec) is not None:
         yield from read_hub(spec, max_docs)
         return
-    docs = (doc for path in local_files(spec) for doc in read_file(path, text_format))
+    docs = (doc for path in resolve(spec) for doc in read_file(path, text_format))
     yield from itertools.islice(docs, max_docs)
 
 
@@ -186,14 +266,74 @@ def split_documents(spec: str, text_format: str, val_fraction: float, max_docs: 
             yield doc, is_validation(doc, val_fraction)
 
 
-# --- token shards ---
+# --- data identity ---
 
-def source_fingerprint(spec: str, max_docs) -> str:
-    """What identifies the raw data: the hub name, or each local file's path, size and mtime."""
+def data_sha256(spec: str, max_docs: int | None = None) -> str:
+    """What identifies the raw data: sha256 over the bytes of its files in reading order (as stored, so a
+    .gz file's compressed bytes), or for a hub dataset over its id, config, file and max_docs."""
+    hub = hub_source(spec)
+    if hub is not None:
+        return hashlib.sha256(json.dumps([*hub, max_docs]).encode()).hexdigest()
+    return files_sha256(tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in resolve(spec)))
+
+
+@functools.lru_cache(maxsize=32)
+def files_sha256(files: tuple) -> str:
+    """sha256 of the files' bytes one after another; keyed by (path, size, mtime) so each is read once."""
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def portable_spec(spec: str) -> str:
+    """A spec as a run records it: names stay names; paths become relative to the project root when inside
+    it, else absolute, so that the run can be resumed from any working directory (see absolute_spec)."""
     if hub_source(spec) is not None:
-        return f"hub:{spec}:{max_docs}"
-    files = local_files(spec)
-    return ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files) + f":{max_docs}"
+        return spec
+    parts = []
+    for part in spec.split(","):
+        if part not in EMBEDDED:
+            path = Path(part).expanduser().resolve()
+            part = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+        parts.append(part)
+    return ",".join(parts)
+
+
+def absolute_spec(spec: str) -> str:
+    """A recorded spec read back: relative paths are relative to the project root."""
+    if hub_source(spec) is not None:
+        return spec
+    return ",".join(part if part in EMBEDDED or Path(part).expanduser().is_absolute() else str(ROOT / part)
+                    for part in spec.split(","))
+
+
+def data_record(spec: str, max_docs: int | None = None) -> dict:
+    """What a run's train_config.json records about its data besides the settings: the spec as
+    portable_spec writes it, and data_sha256."""
+    return {"data": portable_spec(spec), "data_sha256": data_sha256(spec, max_docs)}
+
+
+def check_same_data(saved: dict, current: dict):
+    """Refuse to continue a run (train_config.json `saved`) on other data than it was trained on: other
+    bytes, or other reading settings. Runs recorded before data hashes only have their settings compared."""
+    for key in ("text_format", "max_docs", "val_fraction"):
+        if key in saved and saved[key] != current[key]:
+            raise DataError(f"--resume needs the run's data as it was: {key} was {saved[key]!r}, now "
+                            f"{current[key]!r}; drop --{key} or start a new --name")
+    if saved.get("data_sha256", current["data_sha256"]) == current["data_sha256"]:
+        return
+    if saved["data"] != current["data"]:
+        raise DataError(f"--resume needs the run's data: it was trained on {saved['data']!r}, not "
+                        f"{current['data']!r}; drop --data or start a new --name")
+    raise DataError(f"--resume needs the run's data as it was: {saved['data']!r} has changed since (sha256 "
+                    f"{saved['data_sha256'][:12]}... then, {current['data_sha256'][:12]}... now); restore it "
+                    f"or start a new --name")
+
+
+# --- token shards ---
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -202,7 +342,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_dir(spec, tokenizer, text_format, val_fraction, max_docs) -> Path:
-    key = json.dumps([FORMAT_VERSION, source_fingerprint(spec, max_docs), tokenizer_fingerprint(tokenizer),
+    key = json.dumps([FORMAT_VERSION, data_sha256(spec, max_docs), max_docs, tokenizer_fingerprint(tokenizer),
                       text_format, val_fraction])
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(spec.split(",")[0].rstrip("/")).name)[:40]
     return CACHE / f"{slug}-{tokenizer.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -384,7 +524,7 @@ def validation_batches(data: TokenData, seq_len: int, batch_size: int, n_windows
     """A fixed validation set: n_windows_wanted windows (or all there are) spread evenly over the split,
     in batches of batch_size."""
     n_windows = (len(data) - 1) // seq_len
-    if n_windows == 0:
+    if n_windows <= 0:
         raise DataError(f"the validation split has {len(data)} tokens, too few for one window of {seq_len}: "
                         f"raise val_fraction or use more data")
     count = min(n_windows, n_windows_wanted)

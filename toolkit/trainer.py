@@ -22,9 +22,9 @@ from torch import nn
 from config import ModelConfig, TrainConfig
 from modules.model import Model
 from toolkit import checkpoint
-from toolkit.checkpoint import (MODEL_CONFIG, TRAIN_CONFIG, WEIGHTS, load_state_dict_file, save_configs,
+from toolkit.checkpoint import (MODEL_CONFIG, TRAIN_CONFIG, WEIGHTS, load_state_dict_file, read_json, save_configs,
                                 save_model, unwrap, write_atomically)
-from toolkit.data import Batches, TokenData, prepare_data, validation_batches
+from toolkit.data import Batches, TokenData, check_same_data, data_record, prepare_data, validation_batches
 from toolkit.metrics import autocast, score, token_byte_lengths
 from toolkit.schedule import learning_rate
 from toolkit.tokenizer import load_tokenizer
@@ -143,9 +143,9 @@ def rng_states() -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def save_checkpoint(out, model, optimizer, batches, progress, cfg, env):
-    """Weights (safetensors) and the training state (optimizer, data position, RNG), both tagged
-    with the step so that a mismatched pair is detected on resume."""
+def save_checkpoint(out, model, optimizer, batches, progress, cfg, env, settings: dict):
+    """Weights (safetensors), `settings` (train_config.json) and the training state (optimizer, data
+    position, RNG), weights and state tagged with the step so that a mismatched pair is detected on resume."""
     model_state, optimizer_state = full_state(model, optimizer, cfg)
     rngs = [None] * env.world_size
     if env.world_size > 1:
@@ -156,7 +156,7 @@ def save_checkpoint(out, model, optimizer, batches, progress, cfg, env):
         state = {"step": progress.step, "progress": vars(progress).copy(), "optimizer": optimizer_state,
                  "batches": batches.state(), "rng": rngs}
         write_atomically(out / STATE, lambda p: torch.save(state, p))
-        save_model(unwrap(model), out, cfg.to_dict(), state_dict=model_state, metadata={"step": str(progress.step)})
+        save_model(unwrap(model), out, settings, state_dict=model_state, metadata={"step": str(progress.step)})
     if env.world_size > 1:
         dist.barrier()
 
@@ -314,6 +314,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=False, overwrite=Fals
     env = setup_distributed(cfg.device)
     device = pick_device(cfg.device, env)
     out = checkpoint.TRAINED / cfg.name
+    # train_config.json: the settings, with the data as a portable spec and its sha256; a resume checks them
+    settings = {**cfg.to_dict(), **data_record(cfg.data, cfg.max_docs)}
+    if resume and (out / TRAIN_CONFIG).is_file():
+        check_same_data(read_json(out / TRAIN_CONFIG), settings)
     if env.is_main:
         prepare_output(out, resume, overwrite)
         if command:
@@ -349,7 +353,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=False, overwrite=Fals
     if resume:
         load_training_state(out, wrapped, optimizer, batches, progress, cfg, env)
     if env.is_main and not resume:
-        save_configs(out, model_cfg, cfg.to_dict())  # the weights follow at the first save
+        save_configs(out, model_cfg, settings)  # the weights follow at the first save
     log = RunLog(out, progress.step if resume else None, cfg.tensorboard, env.is_main)
 
     tokens_per_step = batches.global_batch * seq_len
@@ -405,7 +409,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=False, overwrite=Fals
                 progress.interval_steps = 0
             if save_now:
                 progress.interval_loss = loss_sum.item()
-                save_checkpoint(out, wrapped, optimizer, batches, progress, cfg, env)
+                save_checkpoint(out, wrapped, optimizer, batches, progress, cfg, env, settings)
             if log_now or save_now:
                 interval_start, interval_steps = time.perf_counter(), 0  # evaluation and saving are not training speed
             if bar is not None:
