@@ -447,6 +447,17 @@ def test_hub_datasets_fail_at_once_in_one_line_without_network(monkeypatch, tmp_
         assert reason.format(port=port) in message and "--data=tinystories-sample" in message and "\n" not in message
 
 
+def test_train_script_offline_says_so_in_one_line(tmp_path):
+    import os
+    import subprocess
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRAINED_DIR": str(tmp_path / "trained"),
+           "DATA_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "train.py", "--data=tinystories", "--name=offline"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: cannot stream 'tinystories'")
+    assert len(done.stderr.strip().splitlines()) == 1 and "HF_HUB_OFFLINE is set" in done.stderr
+
+
 # --- validation needs data ---
 
 def test_a_validation_split_of_nothing_is_refused(tmp_path):

@@ -388,7 +388,8 @@ def build_shards(directory: Path, documents, tokenizer, progress=True) -> dict:
     from tqdm import tqdm
     dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
     writers = {False: ShardWriter(directory, "train", dtype), True: ShardWriter(directory, "val", dtype)}
-    bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress)
+    # drawn after a second: a source that fails at once (the hub offline) leaves only its one-line error
+    bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress, delay=1)
 
     def flush(batch):
         for (text, val), ids in zip(batch, tokenizer.encode([t for t, _ in batch], bos=True, eos=True)):
