@@ -101,26 +101,34 @@ def generate(model, prompts: list[list[int]], settings: GenerationSettings | Non
         model.train(was_training)
 
 
+def left_padded(prompts: list[list[int]], max_len: int, device):
+    """One buffer for the whole run: (B, P + max_len) ids, the prompts left-padded (pad id 0) to the
+    longest P, then room for the new tokens; and its padding mask (None without padding)."""
+    B, P = len(prompts), max(map(len, prompts))
+    sequence = torch.zeros(B, P + max_len, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        sequence[row, P - len(prompt):P] = torch.tensor(prompt)
+    padding_mask = None
+    if min(map(len, prompts)) < P:
+        padding_mask = (torch.arange(P + max_len) >= torch.tensor([P - len(p) for p in prompts])[:, None]).to(device)
+    return sequence.to(device), padding_mask
+
+
+def seen_tokens(prompts: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """(B, vocab) bool: the tokens of each prompt, which the repetition penalty counts."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        seen[row, prompt] = True
+    return seen.to(device)
+
+
 def _generate(model, prompts, settings, eos_id, use_cache, keep, on_step):
     device = model.embed.weight.device
     B, P, max_len = len(prompts), max(map(len, prompts)), settings.max_len
     context = model.cfg.context_length
-    # One buffer for the whole run: left-padded prompts (pad id 0, masked), then the new tokens.
-    sequence = torch.zeros(B, P + max_len, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        sequence[row, P - len(prompt):P] = torch.tensor(prompt)
-    sequence = sequence.to(device)
+    sequence, padding_mask = left_padded(prompts, max_len, device)
     padded_until = P - min(map(len, prompts))  # columns before this may hold padding
-    padding_mask = None
-    if padded_until:
-        padding_mask = torch.arange(P + max_len) >= torch.tensor([P - len(p) for p in prompts])[:, None]
-        padding_mask = padding_mask.to(device)
-    seen = None
-    if settings.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            seen[row, prompt] = True
-        seen = seen.to(device)
+    seen = seen_tokens(prompts, model.cfg.vocab_size, device) if settings.repetition_penalty != 1.0 else None
     generator = torch.Generator(device).manual_seed(settings.seed) if settings.seed is not None else None
     sampling = settings.sampling()
 
