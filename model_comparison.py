@@ -76,10 +76,10 @@ def attempt(failures: dict | None, name: str, what: str, work, *args):
     try:
         return work(*args)
     except Exception as e:  # noqa: BLE001 (see the docstring)
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        line = next(iter(str(e).strip().splitlines()), "")
         if not isinstance(e, ValueError):  # not one of the project's one-line errors: say what kind it is
-            detail = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
-        failures[name] = f"{name}: {what} failed: {detail}"
+            line = f"{type(e).__name__}: {line}".removesuffix(": ")
+        failures[name] = f"{name}: {what} failed: {line}"
         return None
 
 
@@ -107,6 +107,7 @@ def training_log(name: str) -> pd.DataFrame | None:
 
 
 def run_folder(name: str) -> Path | None:
+    """The folder of a model trained here (a trained/ name or a path), or None."""
     for folder in (checkpoint.TRAINED / name, Path(name)):
         if (folder / LOG).is_file() or (folder / TRAIN_CONFIG).is_file():
             return folder
