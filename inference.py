@@ -7,7 +7,8 @@ NAME is a trained/ model name or checkpoint folder, or a Hugging Face GPT-2 or L
 One prompt streams its text as it is produced; several are generated together as one batch; none (or
 --interactive) opens a prompt loop that keeps the model loaded. Samplers run in the order repetition
 penalty, temperature, top-k, top-p, min-p (see toolkit/sampling.py); None switches one off.
-Generation stops at the tokenizer's EOS or after max_len new tokens.
+Generation stops at the tokenizer's EOS or after max_len new tokens. Past the model's context, the
+window restarts on its last half (see toolkit/generate.py), so max_len has no upper limit.
 """
 import argparse
 import dataclasses
@@ -30,7 +31,7 @@ SETTING_HELP = {
     "top_p": "keep the smallest set of most likely tokens with probability >= p",
     "min_p": "keep tokens at least min_p times as likely as the most likely one",
     "repetition_penalty": "> 1 discourages tokens already in the text; 1 = off",
-    "max_len": "new tokens per prompt, at most",
+    "max_len": "new tokens per prompt, at most (past the context the window slides)",
     "seed": "random seed for reproducible sampling",
 }
 COMMANDS = ("type a prompt to generate from it, or a command:\n"
@@ -54,8 +55,9 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     """(arguments, GenerationSettings); bad values end the program with one line naming the option."""
+    # No abbreviations: a typo is an error with a suggestion, not another option taken silently.
     parser = Parser(usage="python inference.py MODEL [PROMPT ...] [--option=value ...]", description=__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     # Optional only for the parser, whose own message would also call the prompts required.
     parser.add_argument("model", nargs="?", help="trained/ name, checkpoint folder, or Hugging Face id or directory")
     parser.add_argument("prompts", nargs="*", help="prompts generated together; none opens the prompt loop")
@@ -67,7 +69,9 @@ def parse_args(argv):
     parser.add_argument("--show_tokens", action="store_true", help="show token boundaries and ids of the text")
     parser.add_argument("--no_cache", action="store_true", help="recompute every token without the KV cache (slow)")
     parser.add_argument("--interactive", action="store_true", help="open the prompt loop (after any prompts)")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.exit(2, f"error: {unknown_option(unknown[0], parser)}\n")
     if args.model is None:
         parser.error("name a model: a trained/ name, a checkpoint folder, or a Hugging Face id or directory")
     try:
@@ -85,6 +89,13 @@ def parse_args(argv):
     return args, settings
 
 
+def unknown_option(text: str, parser: argparse.ArgumentParser) -> str:
+    """The one line for an option the parser does not know, with the closest one it does."""
+    name = text.partition("=")[0]
+    known = [option[2:] for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    return f"unknown setting {name}{closest(name.lstrip('-'), known)}; see python inference.py --help"
+
+
 @dataclasses.dataclass
 class Session:
     """A loaded model and the settings that the prompt loop can change."""
@@ -97,6 +108,10 @@ class Session:
     def run(self, prompts: list[str]):
         """Generate from the prompts and print the texts: streamed for one prompt, after the batch for several."""
         prompt_ids = self.tokenizer.encode(prompts, bos=True)
+        longest, context = max(map(len, prompt_ids)), self.model.cfg.context_length
+        if longest > context:
+            print(f"[a prompt of {longest} tokens is longer than the model's context_length={context}: "
+                  f"the model sees its last {context}]", file=sys.stderr)
         start = time.perf_counter()
         if len(prompts) == 1:
             new_ids = self.stream(prompts[0], prompt_ids[0])

@@ -1,5 +1,6 @@
 """The generation function: cached logits equal the uncached model's at every step for every attention
-variant, batching changes nothing, each sequence stops at its own EOS, seeds reproduce, limits hold."""
+variant, past the context too (a sliding window), batching changes nothing, each sequence stops at
+its own EOS, seeds reproduce, bad requests are one-line errors."""
 import re
 
 import pytest
@@ -19,6 +20,7 @@ VARIANTS = {
     "sliding_window": dict(preset="llama3-1m", sliding_window=6),
     "gpt2_sliding_window": dict(preset="gpt2-1m", sliding_window=5),
     "qk_norm+sandwich": dict(preset="llama3-1m", qk_norm=True, norm_placement="sandwich"),
+    "no_positions": dict(preset="llama3-1m", positions="none"),
 }
 PROMPTS = [[1, 5, 9, 13, 2, 7, 30, 4, 8, 11, 3], [1, 42, 17], [1, 99, 100, 101, 7, 3, 2]]
 GREEDY = GenerationSettings(temp=0, max_len=20)
@@ -107,19 +109,63 @@ def test_repetition_penalty_counts_prompt_and_new_tokens():
     assert generate(model, [prompt], settings) != generate(model, [prompt], GenerationSettings(temp=0, max_len=15))
 
 
-def test_context_limit_is_a_clear_error_before_generating():
+def windows(prompts, new_ids, steps, context, keep):
+    """Each step's window written out: for step s, the real tokens of each sequence in the batch's
+    columns start..P+s, where the window restarts on the last `keep` columns whenever it would
+    exceed the context (and a prompt longer than the context starts with its last context tokens)."""
+    P = max(map(len, prompts))
+    start, out = max(0, P - context), []
+    for step in range(steps):
+        length = P + step
+        if length - start > context:
+            start = length - keep
+        out.append([(prompt + new)[max(0, start - (P - len(prompt))):length - (P - len(prompt))]
+                    for prompt, new in zip(prompts, new_ids)])
+    return out
+
+
+@pytest.mark.parametrize("name, keep", [("gpt2", None), ("llama3", None), ("no_positions", None),
+                                        ("sliding_window", None), ("gpt2", 1), ("llama3", 16)])
+def test_past_the_context_every_step_equals_its_window_from_position_zero(name, keep):
+    model = make(name, context_length=16)
+    settings = GenerationSettings(temp=0, max_len=30)
+    long_prompt = list(range(1, 21))  # 20 tokens: more than the context
+    for prompts in (PROMPTS[:1], PROMPTS[:2], [long_prompt], [long_prompt, PROMPTS[1]]):
+        cached_ids, cached = step_logits(model, prompts, settings, keep=keep)
+        uncached_ids, uncached = step_logits(model, prompts, settings, keep=keep, use_cache=False)
+        assert cached_ids == uncached_ids and list(map(len, cached_ids)) == [30] * len(prompts)
+        steps = windows(prompts, cached_ids, 30, context=16, keep=keep or 8)
+        assert max(len(window) for rows in steps for window in rows) <= 16
+        assert len(steps[-1][0]) < len(prompts[0]) + 29  # the last steps saw only part of the text
+        for step, rows in enumerate(steps):
+            for row, window in enumerate(rows):
+                alone = model(torch.tensor([window]))[0][0, -1]  # no cache, no padding, positions from 0
+                assert (alone - cached[step][row]).abs().max().item() <= 1e-5
+                assert (alone - uncached[step][row]).abs().max().item() <= 1e-5
+
+
+def test_the_cache_restarts_on_the_last_tokens_when_full():
+    model = make("gpt2", context_length=16)
+    lengths = []
+    generate(model, PROMPTS[:1], GenerationSettings(temp=0, max_len=30),
+             on_step=lambda step: lengths.append(step.cache.length))
+    # An 11-token prompt fills to 16, then each restart keeps 8 (half the context) and fills again.
+    assert lengths == list(range(11, 17)) + list(range(8, 17)) + list(range(8, 17)) + list(range(8, 14))
+    lengths.clear()
+    generate(model, [list(range(1, 21))], GenerationSettings(temp=0, max_len=4), keep=15,
+             on_step=lambda step: lengths.append(step.cache.length))
+    assert lengths == [16, 15, 16, 15]  # a long prompt starts with its last 16 tokens
+
+
+def test_bad_requests_are_clear_errors_before_generating():
     model = make("llama3")  # context_length 48
     calls = []
-    with pytest.raises(GenerationError, match=r"11 tokens \+ max_len=40 is 51 tokens.*context_length=48: lower max_len to 37"):
-        generate(model, PROMPTS, GenerationSettings(max_len=40), on_step=calls.append)
+    for prompts, keep, message in (([[1, 128]], None, "outside the model's vocabulary"), ([[1], []], None, "bos=True"),
+                                   ([], None, "no prompts"), (PROMPTS, 0, "keep=0 is not valid"),
+                                   (PROMPTS, 49, "between 1 and the model's context_length=48")):
+        with pytest.raises(GenerationError, match=message):
+            generate(model, prompts, GenerationSettings(max_len=60), keep=keep, on_step=calls.append)
     assert calls == []
-    with pytest.raises(GenerationError, match="shorten the prompt to at most 38 tokens"):
-        generate(model, [[1] * 50], GenerationSettings(max_len=10))
-    assert len(generate(model, PROMPTS, GenerationSettings(temp=0, max_len=37))[0]) == 37  # exactly full is fine
-    with pytest.raises(GenerationError, match="outside the model's vocabulary"):
-        generate(model, [[1, 128]])
-    with pytest.raises(GenerationError, match="bos=True"):
-        generate(model, [[1], []])
 
 
 def test_restores_training_mode_and_records_no_gradients():

@@ -20,22 +20,35 @@ from toolkit.tokenizer import load_tokenizer
 TEXT = "Ab€ é!"  # no byte repeats, so each byte has one successor; € and é take 3 and 2 bytes
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def spelling_model(folder, successors: list[tuple[int, int]], context_length: int):
+    """A byte-level model whose greedy next token after each `current` id is its `following` id."""
     tokenizer = load_tokenizer("bytes")
     torch.manual_seed(0)
-    model = Model(ModelConfig.preset("llama3-1m", vocab_size=tokenizer.vocab_size, context_length=128, dim=64,
-                                     n_layers=1, n_heads=2))
-    ids = tokenizer.encode(TEXT, bos=True, eos=True)
+    model = Model(ModelConfig.preset("llama3-1m", vocab_size=tokenizer.vocab_size, context_length=context_length,
+                                     dim=64, n_layers=1, n_heads=2))
     with torch.no_grad():
         for layer in model.layers:  # the residual stream stays the token's embedding
             layer.attention.out.weight.zero_()
             layer.mlp.down.weight.zero_()
         model.head.weight.zero_()
-        for current, following in zip(ids, ids[1:]):
+        for current, following in successors:
             embedding = model.embed.weight[current]
             model.head.weight[following] = 50 * embedding / embedding.norm()
-    return save_model(model, tmp_path_factory.mktemp("models") / "spell", train_config={"tokenizer": "bytes"})
+    return save_model(model, folder, train_config={"tokenizer": "bytes"})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    ids = load_tokenizer("bytes").encode(TEXT, bos=True, eos=True)
+    return spelling_model(tmp_path_factory.mktemp("models") / "spell", list(zip(ids, ids[1:])), context_length=128)
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """Context 16, and TEXT spelled in a loop without EOS: generation must go past the context."""
+    ids = load_tokenizer("bytes").encode(TEXT, bos=True)
+    return spelling_model(tmp_path_factory.mktemp("models") / "loop", list(zip(ids, ids[1:] + [ids[1]])),
+                          context_length=16)
 
 
 def run(*args, stdin=None):
@@ -103,10 +116,10 @@ def test_prompt_loop_changes_settings_between_prompts(checkpoint):
     assert "temp=0.0 top_k=None top_p=None min_p=0.05 repetition_penalty=1.0 max_len=20 seed=None" in out.stdout
     assert f"> {TEXT}\n" in out.stdout
     assert "never read" not in out.stdout
-    # End of input ends the loop as /quit does; a prompt too long for the context is one line, not the end.
-    out = run(checkpoint, "--interactive", stdin="/temp 0\n/max_len 200\nA\n/max_len 3\nA\n")
+    # End of input ends the loop as /quit does; an error is one line, not the end of the loop.
+    out = run(checkpoint, "--interactive", stdin="/temp 0\n/max_len 3\n/seed x\nA\n")
     assert out.returncode == 0, out.stderr
-    assert "error: a prompt of 2 tokens + max_len=200 is 202 tokens, more than the model's context_length=128" in out.stderr
+    assert "error: --seed='x' is not valid: expected an integer\n" in out.stderr
     assert "> Ab\ufffd\n" in out.stdout
 
 
@@ -117,7 +130,11 @@ def test_prompt_loop_changes_settings_between_prompts(checkpoint):
     ("--top_k=2.5", "error: --top_k='2.5' is not valid: expected an integer"),
     ("--min_p=-0.1", "error: min_p=-0.1 is not valid: must be None or in [0, 1)"),
     ("--max_len=0", "error: max_len=0 is not valid: must be >= 1"),
-    ("--tmp=1", "error: unrecognized arguments: --tmp=1 (see python inference.py --help)"),
+    ("--tmp=1", "error: unknown setting --tmp (did you mean temp?); see python inference.py --help"),
+    ("--max-len=5", "error: unknown setting --max-len (did you mean max_len?); see python inference.py --help"),
+    ("--nocache", "error: unknown setting --nocache (did you mean no_cache?); see python inference.py --help"),
+    ("--show_token", "error: unknown setting --show_token (did you mean show_tokens?); see python inference.py --help"),
+    ("--tem", "error: unknown setting --tem (did you mean temp?); see python inference.py --help"),
     ("--device=gpu0", "error: --device='gpu0' is not a device: use cpu, cuda, cuda:N or mps"),
 ])
 def test_bad_values_are_one_line_naming_the_option(checkpoint, capsys, option, message):
@@ -154,7 +171,19 @@ def test_errors_in_the_shell_are_one_line_and_a_failure_status(checkpoint):
     out = run("no-such-model", "A")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith("error: no model 'no-such-model'") and out.stderr.count("\n") == 1
-    out = run(checkpoint, "A", "--max_len=200")
-    assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr == ("error: a prompt of 2 tokens + max_len=200 is 202 tokens, more than the model's "
-                          "context_length=128: lower max_len to 126 or shorten the prompt\n")
+    out = run(checkpoint, "A", "--tmp=1")
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == "error: unknown setting --tmp (did you mean temp?); see python inference.py --help\n"
+
+
+def test_generation_goes_past_the_context(short_context, capsys):
+    loop = TEXT[1:] + TEXT[0]  # after "A" the model spells TEXT's bytes in a loop
+    cached, _ = run_here(capsys, short_context, "A", "--temp=0", "--max_len=40")  # context 16: slides 3 times
+    uncached, err = run_here(capsys, short_context, "A", "--temp=0", "--max_len=40", "--no_cache")
+    expected = "A" + (loop * 10).encode()[:40].decode(errors="replace") + "\n"
+    assert cached == uncached == expected and "[40 new tokens in" in err
+    # A prompt longer than the context: the model sees its last 16 tokens, and says so.
+    out = run(short_context, TEXT * 4, "--temp=0", "--max_len=20")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == TEXT * 4 + TEXT * 2 + "Ab\n"  # "!" is followed by "A": 20 bytes are TEXT twice and "Ab"
+    assert "a prompt of 37 tokens is longer than the model's context_length=16: the model sees its last 16" in out.stderr

@@ -1,8 +1,7 @@
-"""Evaluation maths by hand, fairness across tokenizers, and the comparison's files."""
+"""Evaluation maths by hand, sliding windows down to a context of one token, fairness across tokenizers."""
 import math
 from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -10,7 +9,6 @@ from torch import nn
 import model_comparison
 from config import ModelConfig
 from modules.model import IGNORE_INDEX, Model
-from toolkit import checkpoint, data
 from toolkit.metrics import score, text_batches, token_byte_lengths
 from toolkit.tokenizer import load_tokenizer
 
@@ -69,6 +67,28 @@ def test_every_token_of_a_long_document_is_scored_once_with_context():
     assert first_scored[0] == 0 and all(p >= 3 for p in first_scored[1:-1])
 
 
+@pytest.mark.parametrize("context_length", [1, 2, 5, 16])
+def test_tiny_contexts_score_each_token_after_its_window(context_length):
+    """Target t (an index into [bos] + tokens) is scored by the window starting at the first multiple
+    of the stride s = max(1, C // 2) whose end reaches it: start k s with k = max(0, ceil((t - C) / s)),
+    so it is predicted from tokens start..t-1."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("bytes")
+    model = Model(ModelConfig.preset("gpt2-1m", vocab_size=259, dim=32, n_layers=1, context_length=context_length)).eval()
+    text = "A fox jumps over the lazy dog, twice."
+    ids = tokenizer.encode(text, bos=True)
+    stride = max(1, context_length // 2)
+    nats = 0.0
+    with torch.no_grad():
+        for t in range(1, len(ids)):
+            start = max(0, math.ceil((t - context_length) / stride)) * stride
+            log_probs = model(torch.tensor([ids[start:t]]))[0][0, -1].log_softmax(-1)
+            nats -= log_probs[ids[t]].item()
+    result = model_comparison.evaluate_text(model, tokenizer, [text])
+    assert result["text_tokens"] == len(ids) - 1 == result["text_bytes"]
+    assert result["loss_per_token"] == pytest.approx(nats / (len(ids) - 1), abs=1e-5)
+
+
 def test_windowed_scoring_equals_one_pass_when_the_text_fits():
     torch.manual_seed(0)
     tokenizer = load_tokenizer("bytes")
@@ -90,41 +110,3 @@ def test_models_with_different_tokenizers_see_the_same_bytes():
         results.append(model_comparison.evaluate_text(model, tokenizer, documents))
     assert results[0]["text_bytes"] == results[1]["text_bytes"] == sum(len(d.encode()) for d in documents)
     assert results[0]["text_tokens"] > results[1]["text_tokens"]  # the BPE needs fewer tokens for the same bytes
-
-
-def test_the_command_line_writes_the_files_it_promises(tmp_path, monkeypatch):
-    from toolkit.trainer import train
-    from config import TrainConfig
-    monkeypatch.setattr(checkpoint, "TRAINED", tmp_path / "trained")
-    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
-    corpus = tmp_path / "stories.txt"
-    corpus.write_text("".join(f"Tom saw {k} cats and a dog.\n<|endoftext|>\n" for k in range(300)))
-    for name, preset, tokenizer, vocab in (("small_gpt2", "gpt2-1m", "bytes", 259),
-                                           ("small_llama", "llama3-1m", "tinystories-512", 512)):
-        model_cfg = ModelConfig.preset(preset, vocab_size=vocab, dim=32, n_layers=1, context_length=32)
-        train(model_cfg, TrainConfig(name=name, data=str(corpus), tokenizer=tokenizer, device="cpu", batch_size=4,
-                                     max_steps=6, eval_every=3, eval_batches=1, log_every=2), progress_bar=False)
-    heldout = tmp_path / "heldout.txt"
-    heldout.write_text("Tom saw a dog.\n<|endoftext|>\nA cat ran.\n<|endoftext|>\n")
-    out = tmp_path / "report"
-    model_comparison.main(["small_gpt2", "small_llama", f"--data={heldout}", f"--out={out}", "--max_len=5",
-                           "--prompts", "Tom saw"])
-    assert sorted(p.name for p in out.iterdir()) == ["bits_per_byte.png", "comparison.csv", "comparison.md",
-                                                     "loss_vs_step.png", "loss_vs_time.png", "loss_vs_tokens.png"]
-    assert all((out / name).read_bytes().startswith(b"\x89PNG") for name in
-               ("bits_per_byte.png", "loss_vs_step.png", "loss_vs_time.png", "loss_vs_tokens.png"))
-    table = pd.read_csv(out / "comparison.csv")
-    assert table["model"].tolist() == ["small_gpt2", "small_llama"]
-    assert table["tokens_trained"].tolist() == [6 * 4 * 32] * 2 and (table["text_bytes"] == 24).all()
-    assert table["tokenizer"].tolist() == ["bytes", "tinystories-512"]
-    report = (out / "comparison.md").read_text()
-    assert "| model | params |" in report and "### 'Tom saw'" in report and "- **small_llama**: Tom saw" in report
-
-
-def test_unknown_models_and_missing_text_are_one_line_errors(tmp_path):
-    (tmp_path / "text.txt").write_text("A story.\n")
-    for argv, message in [(["NoSuchModel", f"--data={tmp_path}/missing.txt"], "error: no data at"),
-                          (["NoSuchModel", f"--data={tmp_path}/text.txt"], "error: no model 'NoSuchModel'")]:
-        with pytest.raises(SystemExit) as exit_info:
-            model_comparison.main(argv)
-        assert str(exit_info.value.code).startswith(message) and "\n" not in str(exit_info.value.code)

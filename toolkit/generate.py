@@ -17,8 +17,8 @@ from toolkit.sampling import sample
 
 
 class GenerationError(ValueError):
-    """A request that cannot be generated as asked (too long for the context, ids outside the
-    vocabulary); the message is one line that says what to change."""
+    """A request that cannot be generated as asked (no prompt, ids outside the vocabulary); the
+    message is one line that says what to change."""
 
 
 @dataclass
@@ -55,10 +55,10 @@ class GenerationStep(NamedTuple):
     tokens: torch.Tensor  # (B,) the new token of each sequence (EOS again for sequences already stopped)
     logits: torch.Tensor  # (B, vocab) the logits they were sampled from, before any sampler
     finished: torch.Tensor  # (B,) bool, sequences that have produced EOS
-    cache: KVCache | None  # the KV cache (None with use_cache=False); cache.length slots are filled
+    cache: KVCache | None  # the current window's KV cache (None with use_cache=False); a new one after each slide
 
 
-def check_request(cfg, prompts: list[list[int]], max_len: int):
+def check_request(cfg, prompts: list[list[int]], keep: int | None):
     if not prompts:
         raise GenerationError("no prompts: give at least one")
     if min(map(len, prompts)) == 0:
@@ -67,63 +67,81 @@ def check_request(cfg, prompts: list[list[int]], max_len: int):
     if outside:
         raise GenerationError(f"token id {outside[0]} is outside the model's vocabulary (vocab_size={cfg.vocab_size}): "
                               f"encode prompts with the model's own tokenizer")
-    longest, context = max(map(len, prompts)), cfg.context_length
-    if longest + max_len > context:
-        fix = (f"lower max_len to {context - longest} or shorten the prompt" if longest < context
-               else f"shorten the prompt to at most {context - max_len} tokens")
-        raise GenerationError(f"a prompt of {longest} tokens + max_len={max_len} is {longest + max_len} tokens, "
-                              f"more than the model's context_length={context}: {fix}")
+    if keep is not None and not 1 <= keep <= cfg.context_length:
+        raise GenerationError(f"keep={keep} is not valid: the tokens kept when the window slides must be between 1 "
+                              f"and the model's context_length={cfg.context_length}")
 
 
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], settings: GenerationSettings | None = None, *,
-             eos_id: int | None = None, use_cache: bool = True,
+             eos_id: int | None = None, use_cache: bool = True, keep: int | None = None,
              on_step: Callable[[GenerationStep], None] | None = None) -> list[list[int]]:
     """New token ids for each prompt (a list of token ids; lengths may differ), without the prompt
     and without the EOS that stopped it. The prompts are generated together as one left-padded
     batch; each stops at its own EOS (eos_id None: never) or after settings.max_len tokens, and the
-    batch stops when all have. use_cache=False recomputes the whole sequence at every step (for
+    batch stops when all have. use_cache=False recomputes the whole window at every step (for
     comparisons); the logits are the same. `on_step` sees every step (see GenerationStep). Runs in
     eval mode (the model's mode is restored after) under torch.inference_mode.
 
-    Context limit: every prompt's tokens + max_len must fit in the model's context_length, else a
-    one-line GenerationError is raised before anything is generated (no sliding past the context).
+    Past the context: the model sees a window of at most context_length tokens (a longer prompt
+    starts with its last context_length). When a new token would overflow the window, the window
+    restarts on the last `keep` tokens (default half the context), recomputed from scratch with
+    positions from 0, and grows again. Recomputing is right for every position scheme: cached keys
+    carry absolute learned positions, which cannot be shifted. The batch shares one window of
+    columns, so a shorter prompt's left padding counts towards it.
     """
     settings = settings or GenerationSettings()
-    check_request(model.cfg, prompts, settings.max_len)
+    check_request(model.cfg, prompts, keep)
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompts, settings, eos_id, use_cache, on_step)
+        return _generate(model, prompts, settings, eos_id, use_cache, keep or max(1, model.cfg.context_length // 2),
+                         on_step)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, settings, eos_id, use_cache, on_step):
-    device = model.embed.weight.device
-    B, P, max_len = len(prompts), max(map(len, prompts)), settings.max_len
-    # One buffer for the whole run: left-padded prompts (pad id 0, masked), then the new tokens.
+def left_padded(prompts: list[list[int]], max_len: int, device):
+    """One buffer for the whole run: (B, P + max_len) ids, the prompts left-padded (pad id 0) to the
+    longest P, then room for the new tokens; and its padding mask (None without padding)."""
+    B, P = len(prompts), max(map(len, prompts))
     sequence = torch.zeros(B, P + max_len, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         sequence[row, P - len(prompt):P] = torch.tensor(prompt)
-    sequence = sequence.to(device)
     padding_mask = None
     if min(map(len, prompts)) < P:
-        padding_mask = torch.arange(P + max_len) >= torch.tensor([P - len(p) for p in prompts])[:, None]
-        padding_mask = padding_mask.to(device)
-    seen = None
-    if settings.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            seen[row, prompt] = True
-        seen = seen.to(device)
+        padding_mask = (torch.arange(P + max_len) >= torch.tensor([P - len(p) for p in prompts])[:, None]).to(device)
+    return sequence.to(device), padding_mask
+
+
+def seen_tokens(prompts: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """(B, vocab) bool: the tokens of each prompt, which the repetition penalty counts."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        seen[row, prompt] = True
+    return seen.to(device)
+
+
+def _generate(model, prompts, settings, eos_id, use_cache, keep, on_step):
+    device = model.embed.weight.device
+    B, P, max_len = len(prompts), max(map(len, prompts)), settings.max_len
+    context = model.cfg.context_length
+    sequence, padding_mask = left_padded(prompts, max_len, device)
+    padded_until = P - min(map(len, prompts))  # columns before this may hold padding
+    seen = seen_tokens(prompts, model.cfg.vocab_size, device) if settings.repetition_penalty != 1.0 else None
     generator = torch.Generator(device).manual_seed(settings.seed) if settings.seed is not None else None
     sampling = settings.sampling()
 
-    prompt_mask = padding_mask[:, :P] if padding_mask is not None else None
-    cache = model.make_cache(B, P + max_len) if use_cache else None
-    # Samplers work in float32 whatever the model's dtype (top-p's cumulative sums need it).
-    logits = model(sequence[:, :P], padding_mask=prompt_mask, cache=cache, last_logits_only=True)[0][:, -1].float()
+    def run_window(start, end):
+        """Logits after columns start..end computed from scratch, in a new cache if caching."""
+        mask = padding_mask[:, start:end] if start < padded_until else None
+        new_cache = model.make_cache(B, min(context, P + max_len - start)) if use_cache else None
+        # Samplers work in float32 whatever the model's dtype (top-p's cumulative sums need it).
+        logits = model(sequence[:, start:end], padding_mask=mask, cache=new_cache, last_logits_only=True)[0]
+        return logits[:, -1].float(), new_cache
+
+    start = max(0, P - context)  # the window is columns start..length
+    logits, cache = run_window(start, P)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_len):
         next_ids = sample(logits, **sampling, seen=seen, generator=generator)
@@ -138,11 +156,13 @@ def _generate(model, prompts, settings, eos_id, use_cache, on_step):
         if seen is not None:
             seen.scatter_(1, next_ids[:, None], True)
         length = P + step + 1
-        if cache is not None:  # only the new token: the cache holds the rest
+        if length - start > context:  # the window is full: restart it on its last `keep` tokens
+            start = length - keep
+            logits, cache = run_window(start, length)
+        elif cache is not None:  # only the new token: the cache holds the rest of the window
             logits = model(sequence[:, length - 1:length], cache=cache)[0][:, -1].float()
         else:
-            mask = padding_mask[:, :length] if padding_mask is not None else None
-            logits = model(sequence[:, :length], padding_mask=mask, last_logits_only=True)[0][:, -1].float()
+            logits, _ = run_window(start, length)
     rows = sequence[:, P:P + step + 1].tolist()
     return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 
