@@ -34,7 +34,7 @@ def load_models(names: list[str], device="cpu") -> dict:
     for name in names:
         model, tokenizer = tools.load_model(name, device)
         if tokenizer is None:
-            raise tools.LoadError(f"{name} has no tokenizer, so it cannot read the comparison text")
+            raise tools.no_tokenizer_error(name)
         models[name] = (model, tokenizer)
     return models
 

@@ -41,8 +41,9 @@ def configs(argv: list[str]):
         if model_overrides or "preset" in options:
             raise ConfigError(f"--resume continues trained/{name} as it was built: drop the model settings "
                               f"({', '.join(model_overrides) or 'preset'}) or start a new --name")
-        model_cfg = ModelConfig.from_dict(read_json(checkpoint.TRAINED / name / MODEL_CONFIG))
+        model_cfg, record = checkpoint.read_model_config(checkpoint.TRAINED / name)
         train_cfg = TrainConfig.from_dict({**read_json(checkpoint.TRAINED / name / TRAIN_CONFIG), **train_overrides})
+        checkpoint.check_tokenizer(f"trained/{name}", record, load_tokenizer(train_cfg.tokenizer))
         return model_cfg, train_cfg, flags, stop_at
     train_cfg = TrainConfig(**train_overrides)
     if "vocab_size" not in model_overrides:
