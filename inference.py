@@ -193,8 +193,7 @@ def main(argv=None):
     except (tools.LoadError, TokenizerError) as e:
         sys.exit(f"error: {e}")
     if tokenizer is None:
-        sys.exit(f"error: no tokenizer is known for {args.model}: a checkpoint names it in train_config.json, "
-                 f'e.g. "tokenizer": "tinystories-2048"')
+        sys.exit(f"error: {tools.no_tokenizer_error(args.model)}")
     session = Session(model, tokenizer, settings, args.show_tokens, args.no_cache)
     try:
         if args.prompts:

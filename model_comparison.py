@@ -87,7 +87,7 @@ def load_one(name: str, device="cpu"):
     """(model, tokenizer): a model without a tokenizer, or with ids beyond its vocabulary, cannot read text."""
     model, tokenizer = tools.load_model(name, device)
     if tokenizer is None:
-        raise tools.LoadError(f"{name} has no tokenizer, so it cannot read the comparison text")
+        raise tools.no_tokenizer_error(name)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise tools.TokenizerError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model's "
                                    f"vocab_size is {model.cfg.vocab_size}: its train_config.json names the wrong tokenizer")

@@ -6,16 +6,17 @@ from pathlib import Path
 
 from config import closest
 from toolkit import checkpoint
-from toolkit.checkpoint import is_checkpoint, load_checkpoint, save_model
+from toolkit.checkpoint import TRAIN_CONFIG, checkpoint_tokenizer, is_checkpoint, load_checkpoint, save_model
 from toolkit.data import DataError, prepare_data, read_documents
 from toolkit.generate import GenerationError, GenerationSettings, generate
-from toolkit.hf import LoadError, export_hf, load_hf_model
+from toolkit.hf import LoadError, export_hf, hf_directory, load_hf_model
 from toolkit.metrics import score, text_batches
-from toolkit.tokenizer import Tokenizer, TokenizerError, available_tokenizers, load_tokenizer
+from toolkit.tokenizer import (TOKENIZER_FILES, Tokenizer, TokenizerError, available_tokenizers, has_tokenizer_files,
+                               load_tokenizer)
 
 __all__ = ["load_model", "save_model", "export_hf", "trained_names", "load_tokenizer", "available_tokenizers",
            "Tokenizer", "read_documents", "prepare_data", "generate", "GenerationSettings", "score", "text_batches",
-           "LoadError", "TokenizerError", "DataError", "GenerationError"]
+           "LoadError", "TokenizerError", "DataError", "GenerationError", "no_tokenizer_error"]
 
 HF_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")  # hub ids without an owner
 
@@ -25,22 +26,36 @@ def trained_names() -> list[str]:
     return sorted(p.name for p in trained.iterdir() if is_checkpoint(p)) if trained.is_dir() else []
 
 
+def model_path(name_or_path: str) -> Path:
+    """trained/NAME if there is one, else the path as given."""
+    trained = checkpoint.TRAINED / name_or_path
+    return trained if trained.is_dir() else Path(name_or_path).expanduser()
+
+
 def load_model(name_or_path: str, device="cpu"):
     """(model in eval mode, tokenizer or None) for a trained/ name or folder, or a Hugging Face GPT-2
-    or Llama checkpoint (hub id such as "gpt2" or "meta-llama/Llama-3.2-1B", or a local directory)."""
-    trained = checkpoint.TRAINED / name_or_path
-    path = trained if trained.is_dir() else Path(name_or_path).expanduser()
+    or Llama checkpoint (hub id such as "gpt2" or "meta-llama/Llama-3.2-1B", or a local directory).
+    A checkpoint that recorded its tokenizer is refused in one line if that tokenizer has changed since;
+    a Hugging Face checkpoint without tokenizer files comes with None."""
+    path = model_path(name_or_path)
     if is_checkpoint(path):
         model, train_config = load_checkpoint(path, device)
-        spec = train_config.get("tokenizer")
-        return model, (load_tokenizer(spec) if spec else None)
+        return model, checkpoint_tokenizer(path, train_config)
     if not path.is_dir() and "/" not in name_or_path and name_or_path not in HF_GPT2:
         known = trained_names()
         raise LoadError(f"no model {name_or_path!r}{closest(name_or_path, known)}: trained/ has "
                         f"{', '.join(known) or 'nothing yet'}; Hugging Face ids look like owner/name or {HF_GPT2[0]}")
-    model = load_hf_model(name_or_path, device)
-    try:  # a checkpoint may come without tokenizer files
-        tokenizer = load_tokenizer(name_or_path if name_or_path in HF_GPT2 else f"hf:{name_or_path}")
-    except TokenizerError:
-        tokenizer = None
-    return model, tokenizer
+    directory = hf_directory(name_or_path)
+    model = load_hf_model(str(directory), device)
+    if not has_tokenizer_files(directory):
+        return model, None
+    return model, load_tokenizer("gpt2" if name_or_path == "gpt2" else f"hf:{directory if path.is_dir() else name_or_path}")
+
+
+def no_tokenizer_error(name_or_path: str) -> LoadError:
+    """The one-line error for a model that load_model returned without a tokenizer, saying how to give it one."""
+    if is_checkpoint(model_path(name_or_path)):
+        return LoadError(f"{name_or_path} names no tokenizer: add its name to {model_path(name_or_path) / TRAIN_CONFIG}, "
+                         f'e.g. "tokenizer": "tinystories-2048"')
+    return LoadError(f"{name_or_path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy them from where "
+                     f"the model came from, or export it with tools.export_hf(model, folder, tokenizer)")

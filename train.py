@@ -42,11 +42,13 @@ def configs(argv: list[str]):
         if model_overrides or "preset" in options:
             raise ConfigError(f"--resume continues trained/{name} as it was built: drop the model settings "
                               f"({', '.join(model_overrides) or 'preset'}) or start a new --name")
-        model_cfg = ModelConfig.from_dict(read_json(checkpoint.TRAINED / name / MODEL_CONFIG))
+        model_cfg, record = checkpoint.read_model_config(checkpoint.TRAINED / name)
         saved = read_json(checkpoint.TRAINED / name / TRAIN_CONFIG)
         saved.pop("data_sha256", None)  # recorded with the run, not a setting: the trainer checks it
-        saved["data"] = absolute_spec(saved["data"])  # recorded relative to the project root
+        if "data" in saved:
+            saved["data"] = absolute_spec(saved["data"])  # recorded relative to the project root
         train_cfg = TrainConfig.from_dict({**saved, **train_overrides})
+        checkpoint.check_tokenizer(f"trained/{name}", record, load_tokenizer(train_cfg.tokenizer))
         return model_cfg, train_cfg, flags, stop_at
     train_cfg = TrainConfig(**train_overrides)
     if "vocab_size" not in model_overrides:

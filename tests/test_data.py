@@ -125,7 +125,7 @@ def test_windows_read_across_shard_files(tmp_path, monkeypatch):
 
 def test_large_vocabularies_get_uint32(tmp_path):
     class WideTokenizer:  # ids above 65535 must survive
-        name, vocab_size, bos_id, eos_id = "wide", 70000, 69998, 69999
+        name, vocab_size, bos_id, eos_id, fingerprint = "wide", 70000, 69998, 69999, "wide"
 
         def encode(self, texts, bos, eos):
             return [[69998] + [65536 + ord(c) % 1000 for c in t] + [69999] for t in texts]

@@ -1,17 +1,25 @@
-"""Equivalence with Hugging Face transformers: converted models give the same logits, both ways."""
+"""Equivalence with Hugging Face transformers: converted models give the same logits, both ways; every
+config field that changes the maths is matched or refused; exported folders carry their tokenizer."""
+import json
+
 import pytest
 import torch
 
+import inference
+import model_comparison
+import tools
 from config import ModelConfig
+from modules.mlp import ACTIVATIONS
 from modules.model import Model
-from toolkit.hf import LoadError, export_hf, hf_config_for, load_hf_model
+from toolkit.hf import HF_ACTIVATIONS, LoadError, export_hf, hf_config_for, load_hf_model
+from toolkit.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_gpt2():
-    config = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=48, n_layer=2, n_head=4,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+def tiny_gpt2(**overrides):
+    config = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=48, n_layer=3, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     with torch.no_grad():  # random non-trivial norms and biases, so that every weight is checked
@@ -34,13 +42,40 @@ def tiny_llama(**overrides):
     return model.eval()
 
 
+# Every GPT2Config and LlamaConfig field that changes the maths, each with a value other than the default.
+GPT2_VARIANTS = {
+    "gpt2": {},
+    "untied head": {"tie_word_embeddings": False},
+    "unscaled attention": {"scale_attn_weights": False},
+    "attention scaled by 1/layer": {"scale_attn_by_inverse_layer_idx": True},
+    "reordered upcast attention": {"reorder_and_upcast_attn": True, "scale_attn_by_inverse_layer_idx": True},
+    "n_inner and eps": {"n_inner": 72, "layer_norm_epsilon": 1e-3},
+    **{f"activation {name}": {"activation_function": name} for name in ("gelu", "relu", "silu", "gelu_fast", "relu2")},
+}
 LLAMA_VARIANTS = {
     "gqa": {},
     "tied": {"tie_word_embeddings": True},
     "biases": {"attention_bias": True, "mlp_bias": True},
+    "attention bias only": {"attention_bias": True},
+    "mlp bias only": {"mlp_bias": True},
+    "head_dim": {"head_dim": 16},
+    "pretraining_tp": {"pretraining_tp": 2},
+    "gelu_pytorch_tanh, eps": {"hidden_act": "gelu_pytorch_tanh", "rms_norm_eps": 1e-3},
     "llama3.1 rope scaling": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
 }
+REFUSED = [
+    (tiny_gpt2, {"add_cross_attention": True}, "add_cross_attention"),
+    (tiny_gpt2, {"activation_function": "quick_gelu"}, "activation_function='quick_gelu'"),
+    (tiny_llama, {"hidden_act": "tanh"}, "hidden_act='tanh'"),
+    (tiny_llama, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type='linear'"),
+    (tiny_llama, {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'"),
+    (tiny_llama, {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}},
+     "rope_type='yarn'"),
+    (tiny_llama, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor=0.5"),
+]
 
 
 def max_logit_difference(hf_model, model, ids):
@@ -48,18 +83,35 @@ def max_logit_difference(hf_model, model, ids):
         return (hf_model(ids).logits - model(ids)[0]).abs().max().item()
 
 
-@pytest.mark.parametrize("make", [tiny_gpt2] + [lambda v=v: tiny_llama(**v) for v in LLAMA_VARIANTS.values()],
-                         ids=["gpt2"] + list(LLAMA_VARIANTS))
+@pytest.mark.parametrize("make", [lambda v=v: tiny_gpt2(**v) for v in GPT2_VARIANTS.values()]
+                         + [lambda v=v: tiny_llama(**v) for v in LLAMA_VARIANTS.values()],
+                         ids=list(GPT2_VARIANTS) + list(LLAMA_VARIANTS))
 def test_converted_model_and_export_give_transformers_logits(make, tmp_path):
     hf_model = make()
     hf_model.save_pretrained(tmp_path / "hf")
     model = load_hf_model(str(tmp_path / "hf"))
     ids = torch.randint(0, 101, (3, 40), generator=torch.Generator().manual_seed(1))
-    assert max_logit_difference(hf_model, model, ids) <= 1e-4
+    eager = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert max_logit_difference(hf_model, model, ids) <= 1e-5
+    assert max_logit_difference(eager, model, ids) <= 1e-5  # reorder_and_upcast_attn only acts in eager attention
 
     export_hf(model, tmp_path / "exported")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
-    assert max_logit_difference(reloaded, model, ids) <= 1e-4
+    assert max_logit_difference(reloaded, model, ids) <= 1e-5
+
+
+@pytest.mark.parametrize("make, overrides, field", REFUSED, ids=[field for _, _, field in REFUSED])
+def test_config_fields_without_equal_are_refused_by_name(make, overrides, field, tmp_path):
+    make(**overrides).save_pretrained(tmp_path)
+    with pytest.raises(LoadError) as error:
+        load_hf_model(str(tmp_path))
+    assert field in str(error.value) and "\n" not in str(error.value)
+
+
+def test_activation_names_map_to_equal_functions():
+    x = torch.linspace(-8, 8, 4001)
+    for theirs, ours in HF_ACTIVATIONS.items():
+        assert (transformers.activations.ACT2FN[theirs](x) - ACTIVATIONS[ours](x)).abs().max() <= 1e-6, theirs
 
 
 @pytest.mark.parametrize("preset", ["gpt2-1m", "llama3-1m"])
@@ -94,3 +146,105 @@ def test_missing_directory_and_offline_hub_give_one_line_errors(tmp_path, monkey
     with pytest.raises(LoadError) as error:
         load_hf_model("gpt2-this-does-not-exist")
     assert "\n" not in str(error.value)
+
+
+# --- tokenizers travel with exported models ---
+
+TEXTS = ["Once upon a time, there was a little dog named Max.", "Lily said: \"Let's go!\"\nThey ran 12 km. 😀",
+         " two  spaces ", "Ça va? 東京"]
+PROMPT = "Once upon a time, there was a"
+
+
+def byte_level_tokenizer(folder):
+    """A small GPT-2-style byte-level BPE saved as a Hugging Face folder (no network needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(TEXTS * 20, trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(folder)
+    return load_tokenizer(f"hf:{folder}")
+
+
+@pytest.mark.parametrize("name", ["GPT2_1m_atto", "Llama3_1m_atto"])
+def test_export_writes_a_tokenizer_that_transformers_encodes_the_same(name, tmp_path):
+    model, tokenizer = tools.load_model(name)
+    tools.export_hf(model, tmp_path, tokenizer)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf_tokenizer(TEXTS, add_special_tokens=False)["input_ids"] == tokenizer.encode(TEXTS)
+    assert hf_tokenizer(TEXTS)["input_ids"] == tokenizer.encode(TEXTS, bos=True)
+    assert hf_tokenizer.batch_decode(tokenizer.encode(TEXTS)) == TEXTS
+    config = json.loads((tmp_path / "config.json").read_text())
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == ids == (1, 2, 3)
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == ids[:2]
+
+
+def test_export_without_tokenizer_names_no_ids_outside_the_vocabulary(tmp_path):
+    model, _ = tools.load_model("GPT2_1m_atto")  # transformers' GPT-2 defaults to 50256, beyond its 2048 ids
+    tools.export_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert [config.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")] == [None, None, None]
+    assert not (tmp_path / "tokenizer.json").exists()
+    with pytest.raises(ValueError, match="do not fit the model's vocab_size=2048"):
+        tools.export_hf(model, tmp_path, load_tokenizer("tinystories-4096"))
+
+
+def test_gpt2_model_exports_with_a_hugging_face_tokenizer(tmp_path):
+    tokenizer = byte_level_tokenizer(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    model = Model(ModelConfig.preset("gpt2-1m", vocab_size=tokenizer.vocab_size, n_layers=1)).eval()
+    tools.export_hf(model, tmp_path / "exported", tokenizer)
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["bos_token_id"] == config["eos_token_id"] == tokenizer.eos_id < tokenizer.vocab_size
+    loaded, loaded_tokenizer = tools.load_model(str(tmp_path / "exported"))
+    assert loaded_tokenizer.encode(TEXTS) == tokenizer.encode(TEXTS)
+    assert loaded_tokenizer.fingerprint == tokenizer.fingerprint
+    ids = torch.tensor(tokenizer.encode(TEXTS[:1], bos=True))
+    with torch.no_grad():
+        assert (loaded(ids)[0] - model(ids)[0]).abs().max() <= 1e-5
+
+
+def run_inference(capsys, *args):
+    inference.main([*map(str, args), "--temp=0", "--max_len=24"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["GPT2_1m_atto", "Llama3_1m_atto"])
+def test_exported_folder_loads_back_with_its_tokenizer_and_generates_the_same(name, tmp_path, capsys):
+    model, tokenizer = tools.load_model(name)
+    tools.export_hf(model, tmp_path, tokenizer)
+    loaded, loaded_tokenizer = tools.load_model(str(tmp_path))
+    assert loaded_tokenizer is not None and loaded_tokenizer.encode(TEXTS) == tokenizer.encode(TEXTS)
+    assert loaded_tokenizer.decode(tokenizer.encode(TEXTS)) == TEXTS
+    ids = torch.tensor([tokenizer.encode(PROMPT, bos=True)])
+    with torch.no_grad():
+        assert (loaded(ids)[0] - model(ids)[0]).abs().max() <= 1e-5
+    original = run_inference(capsys, name, PROMPT)
+    assert original.startswith(PROMPT) and len(original) > len(PROMPT) + 24
+    assert run_inference(capsys, tmp_path, PROMPT) == original
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_hugging_face_folder_without_tokenizer_files_has_no_tokenizer(make, tmp_path, capsys):
+    make().save_pretrained(tmp_path)
+    model, tokenizer = tools.load_model(str(tmp_path))
+    assert tokenizer is None and model.cfg.vocab_size == 101
+    expected = f"{tmp_path} has no tokenizer files"
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main([str(tmp_path), "Once"])
+    assert str(exit_info.value.code).startswith(f"error: {expected}") and "\n" not in str(exit_info.value.code)
+    with pytest.raises(LoadError, match=expected):
+        model_comparison.load_models([str(tmp_path)])
+
+
+def test_weights_that_do_not_match_config_json_are_one_line(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_inner": 100}))
+    with pytest.raises(LoadError) as error:
+        load_hf_model(str(tmp_path))
+    assert "do not match config.json" in str(error.value) and "\n" not in str(error.value)

@@ -1,5 +1,6 @@
 """Tokenizers: exact round trips, nested family members, special ids, display, compression on held-out text,
 and family training from local files."""
+import hashlib
 import json
 import re
 import subprocess
@@ -11,8 +12,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolkit.tokenizer import (MODEL_FILE, TOKENIZERS_DIR, TokenizerError, available_tokenizers, load_tokenizer)
+import inference
+import model_comparison
+import tools
+import train
+from config import ModelConfig
+from modules.model import Model
+from toolkit import checkpoint, data
+from toolkit.checkpoint import MODEL_CONFIG, save_model
 from toolkit.data import read_documents
+from toolkit.hf import LoadError
+from toolkit.tokenizer import (MODEL_FILE, TOKENIZERS_DIR, ByteTokenizer, TokenizerError, available_tokenizers,
+                               load_tokenizer)
 from toolkit.tokenizer_training import (MAX_SENTENCE_BYTES, main, read_sources, split_last_fraction,
                                         split_long_document, train_family)
 
@@ -35,6 +46,15 @@ def tokenizers():
     loaded = {spec: load_tokenizer(spec) for spec in SHIPPED}
     smallest = load_tokenizer("tinystories", size=loaded["tinystories-2048"].min_size)
     return {**loaded, "tinystories-min": smallest}
+
+
+OTHER_WORDS = ("Ann", "ran", "to", "the", "old", "park", "with", "her", "green", "kite", "and", "sang")
+
+
+def grammar_stories(n_docs, seed=0, words=("Tom", "Lily", "saw", "liked", "a", "big", "red", "ball", "dog", "sun")):
+    """Short documents of a tiny grammar, for families trained in a second without ../shared."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.integers(5, 40))) + "." for _ in range(n_docs)]
 
 
 def stories(n_bytes):
@@ -346,7 +366,7 @@ def test_command_line_trains_with_a_heldout_fraction(tmp_path, capsys):
     (["--data", "{data}", "--sizes", "300", "400"], "error: size 300 is below"),
     (["--data", "{data}", "--sizes", "300"], "error: sentencepiece training failed: Vocabulary size is smaller"),
     (["--data", "{data}", "--sizes", "5000"], "error: sentencepiece training failed: Vocabulary size too high"),
-    (["--data", "{data}", "--heldout-fraction", "1.5"], "error: --heldout-fraction"),
+    (["--data", "{data}", "--heldout-fraction", "1.5"], "error: --heldout_fraction"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, args, message):
     data = str(tmp_path / "five_stories.txt")
@@ -409,3 +429,246 @@ def test_gpt2_is_loaded_from_cache_or_says_what_to_do(monkeypatch):
         return
     assert (tokenizer.vocab_size, tokenizer.eos_id) == (50257, 50256)
     assert tokenizer.decode(tokenizer.encode(TRICKY)) == TRICKY
+
+
+# --- training: the command line ---
+
+@pytest.fixture
+def grammar_file(tmp_path):
+    path = tmp_path / "grammar.txt"
+    path.write_text("".join(doc + "\n<|endoftext|>\n" for doc in grammar_stories(300)))
+    return path
+
+
+def test_existing_family_is_not_replaced_without_overwrite(grammar_file, tmp_path, capsys):
+    out = tmp_path / "fam"
+    main(["--name", "fam", "--data", str(grammar_file), "--sizes", "320", "--out", str(out), "--quiet"])
+    trained = (out / MODEL_FILE).read_bytes()
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(grammar_stories(300, seed=1, words=OTHER_WORDS)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--name", "fam", "--data", str(other), "--sizes", "320", "--out", str(out), "--quiet"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: {out} already holds a tokenizer family") and "--overwrite" in message
+    assert "\n" not in message and (out / MODEL_FILE).read_bytes() == trained
+    with pytest.raises(TokenizerError, match="already holds"):  # the same rule for code
+        train_family(grammar_stories(100), [320], out, verbose=False)
+    main(["--name", "fam", "--data", str(other), "--sizes", "320", "--out", str(out), "--quiet", "--overwrite"])
+    assert (out / MODEL_FILE).read_bytes() != trained
+    assert load_tokenizer(str(out), 320).encode("Ann ran") != load_tokenizer(str(out), 320).encode("Ann rat")
+
+
+def test_options_take_train_py_spellings_and_dashes(grammar_file, tmp_path, capsys):
+    for spelling in ("_", "-"):
+        out = tmp_path / f"fam{spelling}"
+        main(["--name", "fam", "--data", str(grammar_file), "--sizes", "320", "--out", str(out), "--quiet",
+              f"--max{spelling}docs", "100", f"--heldout{spelling}fraction", "0.2",
+              f"--character{spelling}coverage", "1.0"])
+        family = json.loads((out / "family.json").read_text())
+        assert family["training_documents"] + family["heldout_documents"] == 100
+        assert family["sentencepiece"]["character_coverage"] == 1.0
+
+
+@pytest.mark.parametrize("typed, hint", [
+    ("--character_coverag=0.99", "unknown option --character_coverag (did you mean --character_coverage?)"),
+    ("--max-doc", "unknown option --max-doc (did you mean --max_docs?)"),
+    ("--character", "unknown option --character (did you mean --character_coverage?)"),  # no silent abbreviations
+    ("--verbos", "unknown option --verbos (did you mean --verbose?)"),
+])
+def test_unknown_options_get_a_hint_in_one_line(grammar_file, tmp_path, capsys, typed, hint):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--name", "x", "--data", str(grammar_file), "--out", str(tmp_path / "x"), typed, "1"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith(f"error: {hint}") and error.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_empty_input_is_one_line_not_sentencepiece_internal_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    for name in ("empty.txt", "blank.txt"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--name", "x", "--data", str(tmp_path / name), "--out", str(tmp_path / "x"), "--quiet"])
+        assert str(exit_info.value.code) == f"error: {tmp_path / name} holds no text (empty or only blank lines): give files with text"
+    with pytest.raises(TokenizerError, match="no text to train on"):
+        train_family(["", ""], [300], tmp_path / "y", verbose=False)
+
+
+def test_training_is_quiet_by_default_and_verbose_shows_sentencepiece_log(grammar_file, tmp_path, capfd):
+    def run(*flags):
+        main(["--name", "x", "--data", str(grammar_file), "--sizes", "320", "--out", str(tmp_path / "x"),
+              "--overwrite", *flags])
+        return capfd.readouterr().err
+
+    sentencepiece_lines = [line for line in run().splitlines() if "trainer_interface" in line or ".cc(" in line]
+    assert sentencepiece_lines == []
+    assert sum("trainer_interface" in line for line in run("--verbose").splitlines()) >= 10
+    assert run("--quiet") == ""
+
+
+# --- fingerprints: a model's tokenizer ---
+
+def test_fingerprint_is_what_decides_the_ids(tmp_path):
+    named, by_path = load_tokenizer("tinystories-2048"), load_tokenizer(str(TOKENIZERS_DIR / "tinystories"), 2048)
+    assert named.name != by_path.name and named.fingerprint == by_path.fingerprint
+    assert named.fingerprint == hashlib.sha256(named.sp.serialized_model_proto()).hexdigest()
+    others = [load_tokenizer("tinystories-2047"), load_tokenizer("tinystories-4096"), load_tokenizer("fineweb-edu-2048"),
+              load_tokenizer("bytes")]
+    assert len({named.fingerprint, *(t.fingerprint for t in others)}) == 5
+    assert load_tokenizer("bytes").fingerprint == ByteTokenizer().fingerprint
+    assert data.tokenizer_fingerprint(named) == named.fingerprint  # the token cache is keyed by the same one
+    # a family trained again on other text is another tokenizer under the same name
+    train_family(grammar_stories(200), [320], tmp_path / "fam", verbose=False)
+    first = load_tokenizer(str(tmp_path / "fam"), 320)
+    train_family(grammar_stories(200, seed=1), [320], tmp_path / "fam", verbose=False, overwrite=True)
+    again = load_tokenizer(str(tmp_path / "fam"), 320)
+    assert again.name == first.name and again.fingerprint != first.fingerprint
+
+
+@pytest.fixture
+def family_model(tmp_path, monkeypatch):
+    """A model saved with a tokenizer of a family trained here, in a trained/ of its own: (name, model, tokenizer)."""
+    monkeypatch.setattr(checkpoint, "TRAINED", tmp_path / "trained")
+    train_family(grammar_stories(300), [320], tmp_path / "fam", verbose=False)
+    tokenizer = load_tokenizer(str(tmp_path / "fam"), 320)
+    torch.manual_seed(0)
+    model = Model(ModelConfig.preset("llama3-1m", vocab_size=320, dim=32, n_layers=1, n_heads=2, context_length=64))
+    save_model(model, checkpoint.TRAINED / "fam_model", train_config={"tokenizer": tokenizer.name}, tokenizer=tokenizer)
+    return "fam_model", model.eval(), tokenizer
+
+
+def test_a_saved_model_records_its_tokenizer(family_model):
+    name, model, tokenizer = family_model
+    saved = json.loads((checkpoint.TRAINED / name / MODEL_CONFIG).read_text())
+    assert saved["tokenizer"] == {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint}
+    save_model(model, checkpoint.TRAINED / name)  # a run's later saves keep the record
+    assert json.loads((checkpoint.TRAINED / name / MODEL_CONFIG).read_text())["tokenizer"] == saved["tokenizer"]
+    loaded, loaded_tokenizer = tools.load_model(name)
+    ids = torch.tensor([loaded_tokenizer.encode("Tom saw a big red ball.", bos=True)])
+    assert loaded_tokenizer.fingerprint == tokenizer.fingerprint
+    assert torch.equal(loaded(ids)[0], model(ids)[0])
+
+
+def test_training_records_the_tokenizer_through_every_save(tmp_path, monkeypatch):
+    from config import TrainConfig
+    from toolkit.trainer import train as train_run
+    monkeypatch.setattr(checkpoint, "TRAINED", tmp_path / "trained")
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    (tmp_path / "text.txt").write_text("".join(doc + "\n<|endoftext|>\n" for doc in grammar_stories(100)))
+    model_cfg = ModelConfig.preset("llama3-1m", vocab_size=259, dim=32, n_layers=1, n_heads=2, context_length=32)
+    train_cfg = TrainConfig(name="run", data=str(tmp_path / "text.txt"), tokenizer="bytes", device="cpu", batch_size=2,
+                            max_steps=4, save_every=2, eval_every=2, eval_batches=1, log_every=2, warmup_steps=1)
+    out = train_run(model_cfg, train_cfg, progress_bar=False)
+    record = json.loads((out / MODEL_CONFIG).read_text())["tokenizer"]
+    assert record == {"name": "bytes", "fingerprint": ByteTokenizer().fingerprint}
+
+
+def test_a_model_whose_tokenizer_changed_is_refused_in_one_line(family_model, tmp_path, capsys):
+    name, _, tokenizer = family_model
+    train_family(grammar_stories(300, seed=1, words=OTHER_WORDS), [320],
+                 tmp_path / "fam", verbose=False, overwrite=True)
+    expected = (f"{checkpoint.TRAINED / name} was trained with tokenizer {tokenizer.name} (fingerprint "
+                f"{tokenizer.fingerprint[:12]}), which has changed since")
+    with pytest.raises(LoadError) as error:
+        tools.load_model(name)
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value) and "retrain" in str(error.value)
+    for script in (lambda: inference.main([name, "Tom"]),
+                   lambda: model_comparison.main([name, "--data", str(tmp_path / "fam" / "README.md")])):
+        with pytest.raises(SystemExit) as exit_info:
+            script()
+        # inference exits with the line; the comparison prints it (naming the model) and exits 1
+        message = str(exit_info.value.code) if exit_info.value.code != 1 else capsys.readouterr().err.strip()
+        assert message.startswith("error: ") and expected in message and "\n" not in message
+    with pytest.raises(LoadError, match="which has changed since"):  # train.py --resume reads it too
+        train.configs([f"--name={name}", "--resume"])
+
+
+def test_resuming_with_another_tokenizer_is_refused(family_model):
+    name, _, tokenizer = family_model
+    with pytest.raises(LoadError) as error:
+        train.configs([f"--name={name}", "--resume", "--tokenizer=bytes"])
+    assert str(error.value) == (f"trained/{name} was trained with tokenizer {tokenizer.name} (fingerprint "
+                                f"{tokenizer.fingerprint[:12]}), not bytes ({ByteTokenizer().fingerprint[:12]}): "
+                                f"use {tokenizer.name}")
+
+
+def test_models_saved_before_the_record_load_as_before():
+    folder = checkpoint.TRAINED / "Llama3_1m_atto"
+    saved = json.loads((folder / MODEL_CONFIG).read_text())
+    assert "tokenizer" not in saved  # shipped before fingerprints existed
+    model, tokenizer = tools.load_model("Llama3_1m_atto")
+    assert (tokenizer.name, tokenizer.fingerprint) == ("tinystories-2048", load_tokenizer("tinystories-2048").fingerprint)
+    direct = Model(ModelConfig.from_dict(saved))
+    weights, _ = checkpoint.load_state_dict_file(folder / checkpoint.WEIGHTS)
+    direct.load_state_dict(weights)
+    ids = torch.tensor([tokenizer.encode("Once upon a time, there was a cat.", bos=True)])
+    assert torch.equal(model(ids)[0], direct.eval()(ids)[0])
+
+
+# --- as Hugging Face tokenizers ---
+
+def same_ids_through_transformers(tokenizer, texts, tmp_path):
+    """(ids here, ids of transformers.AutoTokenizer on the saved to_hf(), its default encoding, its decoding)."""
+    from transformers import AutoTokenizer
+    tokenizer.to_hf(model_max_length=256).save_pretrained(tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    theirs = hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return (tokenizer.encode(texts), theirs, hf(texts, split_special_tokens=True)["input_ids"],
+            hf.batch_decode(theirs, skip_special_tokens=True))
+
+
+@pytest.mark.parametrize("spec", ["tinystories-2048", "tinystories-min", "fineweb-edu-8192", "bytes"])
+def test_to_hf_encodes_the_same_ids_in_transformers(tokenizers, spec, tmp_path):
+    tokenizer = tokenizers.get(spec) or load_tokenizer(spec)
+    texts = TRICKY + grammar_stories(200) + ["Tim's 12 dogs ran 3.5 km—fast! Ça va? 東京 😀"]
+    ours, theirs, with_bos, decoded = same_ids_through_transformers(tokenizer, texts, tmp_path)
+    assert theirs == ours and decoded == texts
+    assert with_bos == tokenizer.encode(texts, bos=True)  # by default bos in front, as in training
+
+
+def test_to_hf_encodes_the_same_ids_on_real_stories(tmp_path):
+    docs = stories(400_000)
+    assert len(docs) >= 300
+    for spec in ("tinystories-2048", "tinystories-8192", "fineweb-edu-4096"):
+        ours, theirs, _, decoded = same_ids_through_transformers(load_tokenizer(spec), docs, tmp_path / spec)
+        assert theirs == ours and decoded == docs
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(TEXTS, min_size=1, max_size=4))
+def test_to_hf_encodes_any_text_the_same(exported_family, texts):
+    tokenizer, hf = exported_family
+    assert hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] == tokenizer.encode(texts)
+
+
+@pytest.fixture(scope="module")
+def exported_family(tmp_path_factory):
+    from transformers import AutoTokenizer
+    tokenizer = load_tokenizer("tinystories-1024")
+    folder = tmp_path_factory.mktemp("exported")
+    tokenizer.to_hf().save_pretrained(folder)
+    return tokenizer, AutoTokenizer.from_pretrained(folder)
+
+
+def test_hugging_face_tokenizer_keeps_its_ids_and_fingerprint(local_hf_tokenizer, tmp_path):
+    texts = TRICKY + grammar_stories(50)
+    ours, theirs, _, decoded = same_ids_through_transformers(local_hf_tokenizer, texts, tmp_path)
+    assert theirs == ours and decoded == texts
+    assert load_tokenizer(f"hf:{tmp_path / 'hf'}").fingerprint == local_hf_tokenizer.fingerprint
+
+
+def test_exported_family_read_back_as_hugging_face_gives_the_same_bytes(exported_family, tmp_path):
+    tokenizer, _ = exported_family
+    tokenizer.to_hf().save_pretrained(tmp_path)
+    back = load_tokenizer(f"hf:{tmp_path}")
+    assert (back.vocab_size, back.bos_id, back.eos_id, back.pad_id) == (1024, 1, 2, 3)
+    assert [back.token_bytes(i) for i in range(1024)] == [tokenizer.token_bytes(i) for i in range(1024)]
+    assert back.encode(TRICKY) == tokenizer.encode(TRICKY) and back.decode(back.encode(TRICKY)) == TRICKY
+
+
+def test_hugging_face_folder_without_tokenizer_files_is_one_line(tmp_path):
+    import transformers
+    transformers.GPT2Config(vocab_size=50).save_pretrained(tmp_path)  # what a model-only folder holds
+    with pytest.raises(TokenizerError) as error:
+        load_tokenizer(f"hf:{tmp_path}")
+    assert "\n" not in str(error.value) and str(tmp_path) in str(error.value)

@@ -51,59 +51,97 @@ def read_hf_weights(directory: Path) -> dict:
     return {k: v for f in files for k, v in load_file(f).items()}
 
 
-def rope_settings(hf: dict):
-    """(theta, scaling) from a Llama config.json of transformers 4 (rope_theta, rope_scaling) or 5 (rope_parameters)."""
-    params = hf.get("rope_parameters") or {}
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or params
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+# transformers' activation names -> ours; the tanh approximations of GELU differ only in float rounding
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu_python_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh",
+                  "relu": "relu", "silu": "silu", "swish": "silu", "relu2": "relu2"}
+def read_hf_config(directory: Path):
+    """config.json as transformers' own GPT2Config or LlamaConfig, so that a field the file leaves out
+    takes the default that transformers' model uses."""
+    from transformers import GPT2Config, LlamaConfig
+    from transformers.utils import logging
+    hf = json.loads((directory / "config.json").read_text())
+    kind = hf.get("model_type")
+    classes = {"gpt2": GPT2Config, "llama": LlamaConfig}
+    if kind not in classes:
+        raise LoadError(f"model_type {kind!r} is not supported: only GPT-2 ('gpt2') and Llama ('llama') checkpoints convert")
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # not its warnings about bos/eos ids: the conversion does not use them
+    try:
+        return classes[kind].from_dict(hf)
+    except (ValueError, TypeError, KeyError) as e:
+        raise LoadError(f"{directory}/config.json is not a valid {kind} config: {' '.join(str(e).split())[:200]}") from None
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def refuse(condition, field, value, why):
+    if condition:
+        raise LoadError(f"cannot convert this checkpoint: {field}={value!r} {why}")
+
+
+def activation_of(hf, field) -> str:
+    name = getattr(hf, field)
+    refuse(name not in HF_ACTIVATIONS, field, name, f"has no equal here (supported: {', '.join(HF_ACTIVATIONS)})")
+    return HF_ACTIVATIONS[name]
+
+
+def rope_settings(hf):
+    """(theta, llama3 scaling or None) from transformers 4's rope_theta and rope_scaling or 5's rope_parameters."""
+    field = "rope_parameters" if getattr(hf, "rope_parameters", None) else "rope_scaling"
+    params = dict(getattr(hf, field, None) or {})
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
+    refuse(partial != 1.0, "partial_rotary_factor", partial, "is not supported: rotary embeddings here turn every channel")
     if kind == "default":
         return theta, None
-    if kind != "llama3":
-        raise LoadError(f"rope scaling {kind!r} is not supported (only Llama 3.1's 'llama3')")
+    refuse(kind != "llama3", f"{field}.rope_type", kind, "is not supported (only the default and Llama 3.1's 'llama3')")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return theta, {k: scaling[k] for k in keys}
+    return theta, {k: params[k] for k in keys}
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
-    """The ModelConfig equal to a Hugging Face GPT-2 or Llama config.json."""
-    kind = hf.get("model_type")
-    if kind == "gpt2":
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise LoadError("GPT-2 checkpoints with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn are not supported")
-        activations = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu"}
-        if hf.get("activation_function", "gelu_new") not in activations:
-            raise LoadError(f"GPT-2 activation {hf['activation_function']!r} is not supported")
+def config_from_hf(hf) -> ModelConfig:
+    """The ModelConfig equal to a transformers GPT2Config or LlamaConfig. Every field that changes the maths
+    is either matched (some in the weights: see gpt2_to_project and llama_to_project) or refused by name."""
+    if hf.model_type == "gpt2":
+        # scale_attn_weights and scale_attn_by_inverse_layer_idx are folded into the query weights;
+        # reorder_and_upcast_attn computes the same scores in float32, which is what this model does
+        refuse(hf.add_cross_attention, "add_cross_attention", True,
+               "is not supported: cross-attention needs an encoder and the models here are decoder-only")
         return ModelConfig.preset(
-            "gpt2", vocab_size=hf["vocab_size"], context_length=hf["n_positions"], dim=hf["n_embd"],
-            n_layers=hf["n_layer"], n_heads=hf["n_head"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
-            activation=activations[hf.get("activation_function", "gelu_new")], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            embed_dropout=hf.get("embd_pdrop", 0.0), attn_dropout=hf.get("attn_pdrop", 0.0),
-            resid_dropout=hf.get("resid_pdrop", 0.0), tie_embeddings=True)
-    if kind == "llama":
-        activations = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                       "relu": "relu", "relu2": "relu2"}
-        if hf.get("hidden_act", "silu") not in activations:
-            raise LoadError(f"Llama activation {hf['hidden_act']!r} is not supported")
-        if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
-            raise LoadError("Llama checkpoints with attention_bias != mlp_bias are not supported")
-        theta, scaling = rope_settings(hf)
-        n_heads = hf["num_attention_heads"]
-        return ModelConfig.preset(
-            "llama3-8b", vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
-            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, mlp_hidden=hf["intermediate_size"],
-            activation=activations[hf.get("hidden_act", "silu")], norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta), rope_scaling=scaling, bias=hf.get("attention_bias", False),
-            tie_embeddings=hf.get("tie_word_embeddings", False), attn_dropout=hf.get("attention_dropout", 0.0))
-    raise LoadError(f"model_type {kind!r} is not supported: only GPT-2 ('gpt2') and Llama ('llama') checkpoints convert")
+            "gpt2", vocab_size=hf.vocab_size, context_length=hf.n_positions, dim=hf.n_embd, n_layers=hf.n_layer,
+            n_heads=hf.n_head, mlp_hidden=hf.n_inner or 4 * hf.n_embd, activation=activation_of(hf, "activation_function"),
+            norm_eps=hf.layer_norm_epsilon, embed_dropout=hf.embd_pdrop, attn_dropout=hf.attn_pdrop,
+            resid_dropout=hf.resid_pdrop, tie_embeddings=hf.tie_word_embeddings)
+    # pretraining_tp (transformers 4) only slices the same matmuls; attention_bias and mlp_bias differing
+    # is one `bias` here with the missing biases zero (llama_to_project)
+    theta, scaling = rope_settings(hf)
+    n_heads = hf.num_attention_heads
+    return ModelConfig.preset(
+        "llama3-8b", vocab_size=hf.vocab_size, context_length=hf.max_position_embeddings, dim=hf.hidden_size,
+        n_layers=hf.num_hidden_layers, n_heads=n_heads, n_kv_heads=hf.num_key_value_heads or n_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // n_heads, mlp_hidden=hf.intermediate_size,
+        activation=activation_of(hf, "hidden_act"), norm_eps=hf.rms_norm_eps, rope_theta=float(theta),
+        rope_scaling=scaling, bias=bool(hf.attention_bias or getattr(hf, "mlp_bias", False)),
+        tie_embeddings=hf.tie_word_embeddings, attn_dropout=hf.attention_dropout)
 
 
-def gpt2_to_project(sd: dict, cfg: ModelConfig) -> dict:
+def gpt2_query_scale(hf, layer: int) -> float:
+    """What GPT-2 multiplies layer `layer`'s q.k by, relative to the 1/sqrt(head_dim) used here."""
+    head_dim = hf.n_embd // hf.n_head
+    scale = head_dim ** -0.5 if hf.scale_attn_weights else 1.0
+    if hf.scale_attn_by_inverse_layer_idx:
+        scale /= layer + 1
+    return scale * head_dim ** 0.5
+
+
+def gpt2_to_project(sd: dict, cfg: ModelConfig, hf) -> dict:
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     out = {"embed.weight": sd["wte.weight"], "pos_embed.weight": sd["wpe.weight"],
            "norm.weight": sd["ln_f.weight"], "norm.bias": sd["ln_f.bias"]}
+    if not cfg.tie_embeddings:
+        out["head.weight"] = sd["lm_head.weight"]
     renames = {"ln_1": "attention_norm", "ln_2": "mlp_norm", "attn.c_attn": "attention.qkv",
                "attn.c_proj": "attention.out", "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
     for i in range(cfg.n_layers):
@@ -112,13 +150,26 @@ def gpt2_to_project(sd: dict, cfg: ModelConfig) -> dict:
             # GPT-2's Conv1D stores (in, out); nn.Linear stores (out, in).
             out[f"layers.{i}.{ours}.weight"] = weight if theirs.startswith("ln") else weight.t()
             out[f"layers.{i}.{ours}.bias"] = sd[f"h.{i}.{theirs}.bias"]
+        scale = gpt2_query_scale(hf, i)
+        if scale != 1.0:  # q = W x + b scaled by s scales q.k by s: the attention GPT-2 computes
+            for suffix in ("weight", "bias"):
+                qkv = out[f"layers.{i}.attention.qkv.{suffix}"].clone()
+                qkv[:cfg.dim] *= scale
+                out[f"layers.{i}.attention.qkv.{suffix}"] = qkv
     return out
 
 
-def llama_to_project(sd: dict, cfg: ModelConfig) -> dict:
+def llama_to_project(sd: dict, cfg: ModelConfig, hf) -> dict:
     out = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
     if not cfg.tie_embeddings:
         out["head.weight"] = sd["lm_head.weight"]
+
+    def get(name, has_bias):  # a bias the checkpoint does not have is zero
+        if name.endswith(".bias") and not has_bias:
+            return torch.zeros(sd[name.removesuffix(".bias") + ".weight"].shape[0])
+        return sd[name]
+
+    attention_bias, mlp_bias = hf.attention_bias, getattr(hf, "mlp_bias", False)
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
         out[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
@@ -126,38 +177,50 @@ def llama_to_project(sd: dict, cfg: ModelConfig) -> dict:
         for suffix in ("weight", "bias") if cfg.bias else ("weight",):
             # Our fused matrices: qkv = [q; k; v] and the gated MLP's up = [gate; up].
             out[f"layers.{i}.attention.qkv.{suffix}"] = torch.cat(
-                [sd[f"{p}self_attn.{n}_proj.{suffix}"] for n in ("q", "k", "v")])
-            out[f"layers.{i}.mlp.up.{suffix}"] = torch.cat([sd[f"{p}mlp.{n}_proj.{suffix}"] for n in ("gate", "up")])
-            out[f"layers.{i}.attention.out.{suffix}"] = sd[f"{p}self_attn.o_proj.{suffix}"]
-            out[f"layers.{i}.mlp.down.{suffix}"] = sd[f"{p}mlp.down_proj.{suffix}"]
+                [get(f"{p}self_attn.{n}_proj.{suffix}", attention_bias) for n in ("q", "k", "v")])
+            out[f"layers.{i}.mlp.up.{suffix}"] = torch.cat(
+                [get(f"{p}mlp.{n}_proj.{suffix}", mlp_bias) for n in ("gate", "up")])
+            out[f"layers.{i}.attention.out.{suffix}"] = get(f"{p}self_attn.o_proj.{suffix}", attention_bias)
+            out[f"layers.{i}.mlp.down.{suffix}"] = get(f"{p}mlp.down_proj.{suffix}", mlp_bias)
     return out
 
 
 def load_hf_model(name_or_path: str, device="cpu", dtype=torch.float32) -> Model:
     """A Hugging Face GPT-2 or Llama checkpoint (hub id or local directory) as the project's Model."""
     directory = hf_directory(name_or_path)
-    hf = json.loads((directory / "config.json").read_text())
+    hf = read_hf_config(directory)
     try:
         cfg = config_from_hf(hf)
-    except (KeyError, ConfigError) as e:
+    except ConfigError as e:
         raise LoadError(f"{directory}/config.json cannot be converted: {e}") from None
-    convert = gpt2_to_project if hf["model_type"] == "gpt2" else llama_to_project
+    convert = gpt2_to_project if hf.model_type == "gpt2" else llama_to_project
     try:
-        state = convert(read_hf_weights(directory), cfg)
+        state = convert(read_hf_weights(directory), cfg, hf)
     except KeyError as e:
-        raise LoadError(f"{directory}: weight {e} is missing: the checkpoint is incomplete or not {hf['model_type']}") from None
+        raise LoadError(f"{directory}: weight {e} is missing: the checkpoint is incomplete or not {hf.model_type}") from None
     if cfg.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
     model = Model(cfg)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # weights of other shapes than config.json says
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise LoadError(f"{directory}: the weights do not match config.json: {first}") from None
     return model.to(device=device, dtype=dtype).eval()
 
 
 # --- writing ---
 
-def hf_config_for(cfg: ModelConfig):
-    """The transformers config equal to `cfg`, or a ValueError naming the first field that has no equal."""
+def hf_config_for(cfg: ModelConfig, tokenizer=None):
+    """The transformers config equal to `cfg`, or a ValueError naming the first field that has no equal.
+    Its bos, eos and pad ids are the tokenizer's (none without one: never ids outside the vocabulary)."""
     from transformers import GPT2Config, LlamaConfig
+    special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if tokenizer is not None:
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"cannot export with tokenizer {tokenizer.name}: its {tokenizer.vocab_size} ids do not "
+                             f"fit the model's vocab_size={cfg.vocab_size}")
+        special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
 
     def need(condition, field, value, target):
         if not condition:
@@ -165,7 +228,7 @@ def hf_config_for(cfg: ModelConfig):
 
     common = [("norm_placement", "pre"), ("qk_norm", False), ("sliding_window", None), ("attention", "causal")]
     if cfg.positions == "learned":
-        for field, value in common + [("norm", "layernorm"), ("mlp", "plain"), ("tie_embeddings", True)]:
+        for field, value in common + [("norm", "layernorm"), ("mlp", "plain")]:
             need(getattr(cfg, field) == value, field, getattr(cfg, field), "GPT-2")
         need(cfg.n_kv_heads == cfg.n_heads, "n_kv_heads", cfg.n_kv_heads, "GPT-2")
         need(cfg.head_dim * cfg.n_heads == cfg.dim, "head_dim", cfg.head_dim, "GPT-2")
@@ -174,7 +237,7 @@ def hf_config_for(cfg: ModelConfig):
             vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.dim, n_layer=cfg.n_layers,
             n_head=cfg.n_heads, n_inner=cfg.mlp_hidden, activation_function=activation[cfg.activation],
             layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.resid_dropout, embd_pdrop=cfg.embed_dropout,
-            attn_pdrop=cfg.attn_dropout, tie_word_embeddings=True)
+            attn_pdrop=cfg.attn_dropout, tie_word_embeddings=cfg.tie_embeddings, **special)
     if cfg.positions == "rope":
         for field, value in common + [("norm", "rmsnorm"), ("norm_bias", False), ("mlp", "gated"), ("embed_dropout", 0.0), ("resid_dropout", 0.0)]:
             need(getattr(cfg, field) == value, field, getattr(cfg, field), "Llama")
@@ -185,7 +248,7 @@ def hf_config_for(cfg: ModelConfig):
             num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
             head_dim=cfg.head_dim, intermediate_size=cfg.mlp_hidden, hidden_act=activation[cfg.activation],
             rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=scaling, attention_bias=cfg.bias,
-            mlp_bias=cfg.bias, tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.attn_dropout)
+            mlp_bias=cfg.bias, tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.attn_dropout, **special)
     raise ValueError(f"cannot export: positions={cfg.positions!r} maps to neither GPT-2 ('learned') nor Llama ('rope')")
 
 
@@ -201,7 +264,7 @@ def project_to_hf(model: Model) -> dict:
     if cfg.positions == "learned":
         out = {"transformer.wte.weight": sd["embed.weight"], "transformer.wpe.weight": sd["pos_embed.weight"],
                "transformer.ln_f.weight": get("norm.weight", 1.0, cfg.dim),
-               "transformer.ln_f.bias": get("norm.bias", 0.0, cfg.dim), "lm_head.weight": sd["embed.weight"]}
+               "transformer.ln_f.bias": get("norm.bias", 0.0, cfg.dim), "lm_head.weight": sd["head.weight"]}
         renames = {"attention_norm": "ln_1", "mlp_norm": "ln_2", "attention.qkv": "attn.c_attn",
                    "attention.out": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
         for i in range(cfg.n_layers):
@@ -230,11 +293,12 @@ def project_to_hf(model: Model) -> dict:
     return out
 
 
-def export_hf(model: Model, directory) -> Path:
+def export_hf(model: Model, directory, tokenizer=None) -> Path:
     """Write `model` as a Hugging Face checkpoint directory (config.json + model.safetensors) that
-    `transformers.AutoModelForCausalLM.from_pretrained(directory)` loads with the same logits."""
+    `transformers.AutoModelForCausalLM.from_pretrained(directory)` loads with the same logits, and with
+    a tokenizer, its files, which `transformers.AutoTokenizer` loads to encode the same ids."""
     from transformers import AutoModelForCausalLM
-    hf_config = hf_config_for(model.cfg)
+    hf_config = hf_config_for(model.cfg, tokenizer)
     hf_model = AutoModelForCausalLM.from_config(hf_config)
     state = project_to_hf(model)
     if hf_config.tie_word_embeddings:
@@ -244,4 +308,15 @@ def export_hf(model: Model, directory) -> Path:
     assert not missing and not unexpected, f"conversion bug: missing {missing}, unexpected {unexpected}"
     directory = Path(directory)
     hf_model.save_pretrained(directory)
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, directory, model.cfg.context_length)
     return directory
+
+
+def save_hf_tokenizer(tokenizer, directory: Path, context_length: int):
+    tokenizer.to_hf(context_length).save_pretrained(directory)
+    settings_file = directory / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text())
+    if settings.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name; 4 knows the class by this one
+        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+        settings_file.write_text(json.dumps(settings, indent=2) + "\n")

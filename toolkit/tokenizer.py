@@ -8,10 +8,15 @@ tokenizers. `load_tokenizer(spec)` picks the kind from a name:
 
 Every kind round-trips exactly: decode(encode(s)) == s for any str that encodes to UTF-8 (a lone
 surrogate raises UnicodeEncodeError). Special ids (bos, eos, pad, and unk for families) decode to nothing.
+Every kind has a `fingerprint` (what a saved model records, so that a changed tokenizer is noticed) and
+`to_hf()`, the same tokenizer as a `transformers` one (what `export_hf` writes next to a model).
 """
+import functools
+import hashlib
 import html
 import json
 import os
+import re
 from pathlib import Path
 
 import sentencepiece as spm
@@ -30,6 +35,9 @@ N_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") els
 ANSI_COLOURS = ("\x1b[30;48;5;153m", "\x1b[30;48;5;223m")  # black on light blue / light orange
 ANSI_RESET = "\x1b[0m"
 HTML_COLOURS = ("#cfe3ff", "#ffe2c2")
+BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")  # how byte-fallback vocabularies spell a raw byte
+# a Hugging Face folder holds a tokenizer if it has one of these
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken")
 
 
 class TokenizerError(ValueError):
@@ -38,12 +46,27 @@ class TokenizerError(ValueError):
 
 class Tokenizer:
     """The interface of every kind. Subclasses set name, vocab_size, bos_id, eos_id, pad_id and
-    implement _encode (list of str -> list of id lists), _decode (the reverse) and token_bytes."""
+    implement _encode (list of str -> list of id lists), _decode (the reverse), token_bytes, _definition
+    (the bytes that decide every id, for the fingerprint) and to_hf."""
     name: str
     vocab_size: int
     bos_id: int
     eos_id: int
     pad_id: int
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 (hex) of what decides the ids: equal fingerprints encode every text the same way, whatever
+        the name or path the tokenizer was loaded by."""
+        return hashlib.sha256(self._definition()).hexdigest()
+
+    def _definition(self) -> bytes:
+        raise NotImplementedError
+
+    def to_hf(self, model_max_length: int | None = None):
+        """This tokenizer as a `transformers` tokenizer that encodes every text to the same ids (with
+        add_special_tokens=False; by default it puts bos in front, as training and inference do)."""
+        raise NotImplementedError
 
     def encode(self, text, bos=False, eos=False):
         """Ids of a string, or a list of id lists for a list of strings (encoded in parallel threads)."""
@@ -143,7 +166,8 @@ class SentencePieceTokenizer(Tokenizer):
                                  f"(specials + bytes + characters .. trained size); pick a size in it")
         del proto.pieces[size:]
         proto.trainer_spec.vocab_size = size
-        self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self._model_bytes = proto.SerializeToString()  # the member's own model: what decides its ids
+        self.sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
         self.name, self.vocab_size, self.min_size, self.max_size = name, size, min_size, max_size
         self.bos_id, self.eos_id, self.pad_id = BOS_ID, EOS_ID, PAD_ID
         self._token_bytes = [_piece_bytes(piece) for piece in proto.pieces]
@@ -171,6 +195,28 @@ class SentencePieceTokenizer(Tokenizer):
     def token_bytes(self, token_id):
         return self._token_bytes[token_id]
 
+    def _definition(self):
+        return self._model_bytes
+
+    def to_hf(self, model_max_length=None):
+        """A byte-fallback BPE whose vocabulary spells spaces as spaces (so a literal U+2581 in the text has no
+        piece and goes through its bytes, as here), with every split of every merged piece as a merge,
+        ranked in merge order: sentencepiece merges the best-ranked adjacent pair that forms a piece, and so
+        does this. (Two splits of one piece both on offer at once are taken leftmost first there, by split
+        order here; no text tried, stories, web text or random strings, differs.)"""
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import decoders, models
+        spelled = [self.sp.id_to_piece(i) if i < N_BASE_PIECES else self.sp.id_to_piece(i).replace(SPACE_MARK, " ")
+                   for i in range(self.vocab_size)]
+        vocab = {piece: i for i, piece in enumerate(spelled)}
+        normal = set(spelled[N_BASE_PIECES:])
+        merges = [(piece[:k], piece[k:]) for piece in spelled[self.min_size:]
+                  for k in range(1, len(piece)) if piece[:k] in normal and piece[k:] in normal]
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=SPECIAL_PIECES[UNK_ID]))
+        backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        return _fast_tokenizer(backend, *(SPECIAL_PIECES[i] for i in (BOS_ID, EOS_ID, PAD_ID, UNK_ID)),
+                               model_max_length=model_max_length)
+
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255, then bos 256, eos 257, pad 258 (vocab_size 259). Encoding is a memory
@@ -189,22 +235,34 @@ class ByteTokenizer(Tokenizer):
     def token_bytes(self, token_id):
         return bytes([token_id]) if token_id < 256 else b""
 
+    def _definition(self):
+        return b"bytes: ids 0..255 are UTF-8 bytes; bos 256, eos 257, pad 258"
+
+    def to_hf(self, model_max_length=None):
+        """GPT-2's byte-level alphabet (one printable character per byte) as a vocabulary without merges."""
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import decoders, models, pre_tokenizers
+        specials = ("<s>", "</s>", "<pad>")
+        vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+        vocab.update({token: 256 + k for k, token in enumerate(specials)})
+        backend = Backend(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        return _fast_tokenizer(backend, *specials, model_max_length=model_max_length)
+
 
 class HuggingFaceTokenizer(Tokenizer):
     """A Hugging Face tokenizer (hub id or local folder) through transformers.AutoTokenizer. Special-token
     text in the input stays text; bos and pad fall back to eos when the tokenizer has none (as GPT-2)."""
 
     def __init__(self, name_or_path: str, name: str):
-        from transformers import AutoTokenizer
         from transformers.convert_slow_tokenizer import bytes_to_unicode
-        try:
-            try:  # a cached tokenizer loads without asking the hub, which retries for a minute when offline
-                self.hf = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-            except OSError:
-                self.hf = AutoTokenizer.from_pretrained(name_or_path)
-        except OSError as e:
-            raise TokenizerError(f"cannot load Hugging Face tokenizer {name_or_path!r} ({str(e).splitlines()[0]}); "
-                                 f"run once online to cache it, or pass a local folder as 'hf:/path/to/folder'") from e
+        self.hf = _auto_tokenizer(name_or_path)
+        if len(self.hf) <= len(set(self.hf.all_special_ids)):  # what transformers builds from a folder without files
+            raise TokenizerError(f"Hugging Face tokenizer {name_or_path!r} has no vocabulary (only "
+                                 f"{len(self.hf)} special tokens): its tokenizer files are missing")
         if self.hf.eos_token_id is None:
             raise TokenizerError(f"Hugging Face tokenizer {name_or_path!r} has no eos token; use one that has")
         self.name, self.vocab_size, self.eos_id = name, len(self.hf), self.hf.eos_token_id
@@ -215,6 +273,8 @@ class HuggingFaceTokenizer(Tokenizer):
         # byte-level BPE (GPT-2) spells each byte as one printable character: undo that to get the bytes
         self._byte_of_char = ({c: b for b, c in bytes_to_unicode().items()}
                               if type(decoder).__name__ == "ByteLevel" else None)
+        backend_model = getattr(getattr(self.hf, "backend_tokenizer", None), "model", None)
+        self._byte_fallback = getattr(backend_model, "byte_fallback", False)
 
     def _encode(self, texts):
         return self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -225,9 +285,63 @@ class HuggingFaceTokenizer(Tokenizer):
     def token_bytes(self, token_id):
         if token_id in self._special_ids:
             return b""
-        if self._byte_of_char is None:
-            return self.hf.decode([token_id], clean_up_tokenization_spaces=False).encode()
-        return bytes(self._byte_of_char[c] for c in self.hf.convert_ids_to_tokens(token_id))
+        token = self.hf.convert_ids_to_tokens(token_id)
+        if self._byte_of_char is not None:
+            return bytes(self._byte_of_char[c] for c in token)
+        byte = BYTE_PIECE.fullmatch(token) if self._byte_fallback else None
+        if byte:  # a byte-fallback piece decodes alone to U+FFFD, not to its byte
+            return bytes([int(byte[1], 16)])
+        return self.hf.decode([token_id], clean_up_tokenization_spaces=False).encode()
+
+    def _definition(self):
+        """The vocabulary (added tokens included), the merges and the special ids: what a tokenizer.json's
+        content decides, without the parts of its format that change between library versions."""
+        merges = None
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is not None:
+            merges = json.loads(backend.to_str())["model"].get("merges")
+            merges = [m.split(" ") if isinstance(m, str) else m for m in merges or []]
+        vocab = sorted(self.hf.get_vocab().items(), key=lambda item: item[1])
+        return json.dumps([vocab, merges, [self.bos_id, self.eos_id, self.pad_id]]).encode()
+
+    def to_hf(self, model_max_length=None):
+        return self.hf
+
+
+def _auto_tokenizer(name_or_path: str):
+    """transformers.AutoTokenizer's tokenizer, or a one-line TokenizerError."""
+    from transformers import AutoTokenizer
+    if Path(name_or_path).is_dir() and not has_tokenizer_files(name_or_path):
+        raise TokenizerError(f"{name_or_path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    try:
+        try:  # a cached tokenizer loads without asking the hub, which retries for a minute when offline
+            return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        except OSError:
+            return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as e:
+        raise TokenizerError(f"cannot load Hugging Face tokenizer {name_or_path!r} ({str(e).splitlines()[0]}); "
+                             f"run once online to cache it, or pass a local folder as 'hf:/path/to/folder'") from None
+    except (ValueError, TypeError, KeyError) as e:  # no tokenizer files, or files transformers cannot read
+        reason = " ".join(str(e).split())[:300]
+        raise TokenizerError(f"cannot load Hugging Face tokenizer {name_or_path!r}: {reason}") from None
+
+
+def has_tokenizer_files(directory) -> bool:
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _fast_tokenizer(backend, bos: str, eos: str, pad: str, unk: str | None = None, model_max_length=None):
+    """A transformers tokenizer around a `tokenizers` one whose special tokens are in its vocabulary;
+    it puts bos in front by default, as training and inference.py do."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tokenizers import processors
+    bos_id = backend.token_to_id(bos)
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, bos_id)])
+    extra = {"model_max_length": model_max_length} if model_max_length else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   unk_token=unk, clean_up_tokenization_spaces=False, **extra)
 
 
 def load_tokenizer(spec: str, size: int | None = None) -> Tokenizer:

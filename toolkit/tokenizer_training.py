@@ -3,8 +3,12 @@ reordered so that every prefix is a smaller tokenizer (same pieces, same ids). W
 tokenizer.model, family.json and README.md (bytes per token on held-out text for every size).
 
     python -m toolkit.tokenizer_training --name tinystories --data stories/*.txt --heldout extra.txt
-    python -m toolkit.tokenizer_training --name fineweb-edu --data fineweb-edu --max-docs 100000
-        --heldout-fraction 0.1 --sizes 1024 4096 16384
+    python -m toolkit.tokenizer_training --name fineweb-edu --data fineweb-edu --max_docs 100000
+        --heldout_fraction 0.1 --sizes 1024 4096 16384
+
+Options are spelled as train.py's (--max_docs); dashes work too (--max-docs). An existing family is
+never replaced without --overwrite: the models trained with it would no longer load. Quiet but for a
+few progress lines; --verbose adds sentencepiece's own log, --quiet drops everything but the result.
 
 Input: whatever train.py's --data takes (toolkit/data.py reads both): text files (documents separated
 by <|endoftext|>, one per line, or one whole text), jsonl with a "text" field, parquet with a "text"
@@ -21,6 +25,7 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from config import closest
 from toolkit.data import DataError, read_documents
 from toolkit.tokenizer import (BOS_ID, EOS_ID, FAMILY_FILE, MODEL_FILE, N_BASE_PIECES, N_THREADS, PAD_ID,
                                SPECIAL_PIECES, TOKENIZERS_DIR, UNK_ID, SentencePieceTokenizer, TokenizerError,
@@ -49,8 +54,11 @@ def read_sources(specs, max_docs=None, verbose=True) -> tuple[list[str], list[di
     for spec in specs:
         docs = list(tqdm(read_documents(str(spec), max_docs=max_docs), desc=f"reading {spec}", unit=" docs",
                          disable=not verbose))
+        n_bytes = sum(len(d.encode()) for d in docs)
+        if n_bytes == 0:  # sentencepiece would fail with an INTERNAL error
+            raise TokenizerError(f"{spec} holds no text (empty or only blank lines): give files with text")
         documents += docs
-        sources.append({"path": str(spec), "bytes": sum(len(d.encode()) for d in docs), "documents": len(docs)})
+        sources.append({"path": str(spec), "bytes": n_bytes, "documents": len(docs)})
     return documents, sources
 
 
@@ -73,7 +81,7 @@ def split_long_document(doc: str, max_bytes: int = MAX_SENTENCE_BYTES) -> list[s
 def split_last_fraction(documents, fraction):
     """(first documents, last documents) where the last ones hold about `fraction` of the bytes."""
     if not 0 < fraction < 1:
-        raise TokenizerError(f"--heldout-fraction must be between 0 and 1, not {fraction}")
+        raise TokenizerError(f"--heldout_fraction must be between 0 and 1, not {fraction}")
     sizes = [len(doc.encode()) for doc in documents]
     budget, cut = (1 - fraction) * sum(sizes), 0
     while cut < len(documents) and budget > 0:
@@ -82,22 +90,33 @@ def split_last_fraction(documents, fraction):
     return documents[:cut], documents[cut:]
 
 
+def check_free(out_dir: Path, overwrite: bool):
+    """Refuse to replace a trained family: models trained with it would no longer load."""
+    if (Path(out_dir) / MODEL_FILE).is_file() and not overwrite:
+        raise TokenizerError(f"{out_dir} already holds a tokenizer family, and models trained with it would no "
+                             f"longer load if it changed: pick another --name (or --out), or pass --overwrite")
+
+
 def train_family(documents, sizes, out_dir, heldout=None, character_coverage=0.9995, verbose=True,
-                 description=None) -> dict:
+                 description=None, overwrite=False, sentencepiece_log=False) -> dict:
     """Train at max(sizes), write the nested model, check every size, measure bytes per token on the held-out
-    documents and write family.json and README.md. `description` (a dict) adds to family.json."""
+    documents and write family.json and README.md. `description` (a dict) adds to family.json. An existing
+    family in out_dir is only replaced with `overwrite`; `sentencepiece_log` shows sentencepiece's own log."""
     sizes = sorted(set(sizes))
     out_dir = Path(out_dir)
-    sentences = [chunk for doc in documents for chunk in split_long_document(doc)]
+    check_free(out_dir, overwrite)
     n_bytes = sum(len(doc.encode()) for doc in documents)
+    if n_bytes == 0:
+        raise TokenizerError("no text to train on: the documents are empty")
+    sentences = [chunk for doc in documents for chunk in split_long_document(doc)]
     _log(verbose, f"training BPE at {sizes[-1]} on {len(documents):,} documents ({n_bytes / 1e6:.1f} MB, "
-                  f"{len(sentences):,} sentences) with sentencepiece; its log follows")
+                  f"{len(sentences):,} sentences) with sentencepiece")
     start = time.perf_counter()
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=sizes[-1],
                                        character_coverage=character_coverage, num_threads=N_THREADS,
-                                       minloglevel=0 if verbose else 2, **SENTENCEPIECE_OPTIONS)
+                                       minloglevel=0 if sentencepiece_log else 2, **SENTENCEPIECE_OPTIONS)
     except RuntimeError as e:  # sentencepiece reports bad input (too little text for the size) this way
         reason = str(e).strip().splitlines()[-1].rsplit("] ", 1)[-1]  # without its source location
         raise TokenizerError(f"sentencepiece training failed: {reason} (--sizes sets vocab_size)") from e
@@ -111,7 +130,7 @@ def train_family(documents, sizes, out_dir, heldout=None, character_coverage=0.9
     if sizes[0] < min_size:
         raise TokenizerError(f"size {sizes[0]} is below this family's minimum {min_size} (4 specials, 256 bytes, "
                              f"{min_size - N_BASE_PIECES} characters); ask for larger sizes or a lower "
-                             f"--character-coverage")
+                             f"--character_coverage")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MODEL_FILE).write_bytes(nested.SerializeToString())
     tokenizers = [SentencePieceTokenizer(out_dir / MODEL_FILE, size, name=f"{out_dir.name}-{size}") for size in sizes]
@@ -207,27 +226,52 @@ def _log(verbose, message):
         print(message, file=sys.stderr, flush=True)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", required=True, help="family name; the folder is tokenizers/<name> unless --out")
-    parser.add_argument("--data", nargs="+", required=True,
-                        help="text files, folders or globs (.txt, .jsonl, .parquet), dataset names "
-                             "(tinystories, fineweb-edu) or hf:owner/name[:config], as train.py's --data")
-    parser.add_argument("--max-docs", type=int, help="read at most this many documents of each source")
-    parser.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES,
-                        help="vocabulary sizes, special tokens included; trained once at the largest")
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, instead of the usage text and then the error
+        self.exit(2, f"error: {message} (see python -m toolkit.tokenizer_training --help)\n")
+
+
+def option(parser, name, **kwargs):
+    """--name as train.py spells it (underscores), and with dashes."""
+    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    return parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def parse_args(argv):
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    option(parser, "name", required=True, help="family name; the folder is tokenizers/<name> unless --out")
+    option(parser, "data", nargs="+", required=True,
+           help="text files, folders or globs (.txt, .jsonl, .parquet), dataset names "
+                "(tinystories, fineweb-edu) or hf:owner/name[:config], as train.py's --data")
+    option(parser, "max_docs", type=int, help="read at most this many documents of each source")
+    option(parser, "sizes", type=int, nargs="+", default=DEFAULT_SIZES,
+           help="vocabulary sizes, special tokens included; trained once at the largest")
     heldout = parser.add_mutually_exclusive_group()
-    heldout.add_argument("--heldout", nargs="+", help="held-out files for bytes per token (not trained on)")
-    heldout.add_argument("--heldout-fraction", type=float,
-                         help="hold out this last fraction of the documents (by bytes) instead of training on it")
-    parser.add_argument("--character-coverage", type=float, default=0.9995,
-                        help="share of characters that get their own piece; rarer ones use byte pieces")
-    parser.add_argument("--about", default="", help="a sentence for the README about what the family is for")
-    parser.add_argument("--out", help="output folder (default tokenizers/<name>)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    args = parser.parse_args(argv)
+    option(heldout, "heldout", nargs="+", help="held-out files for bytes per token (not trained on)")
+    option(heldout, "heldout_fraction", type=float,
+           help="hold out this last fraction of the documents (by bytes) instead of training on it")
+    option(parser, "character_coverage", type=float, default=0.9995,
+           help="share of characters that get their own piece; rarer ones use byte pieces")
+    option(parser, "about", default="", help="a sentence for the README about what the family is for")
+    option(parser, "out", help="output folder (default tokenizers/<name>)")
+    option(parser, "overwrite", action="store_true", help="replace an existing family of that name")
+    option(parser, "verbose", action="store_true", help="show sentencepiece's log too")
+    option(parser, "quiet", action="store_true", help="no progress output")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [f"--{action.dest}" for action in parser._actions if action.dest != "help"]
+        flag = unknown[0].split("=")[0]
+        spelled = "--" + flag.lstrip("-").replace("-", "_")
+        parser.error(f"unknown option {flag}{closest(spelled, known)}" if flag.startswith("-")
+                     else f"unexpected argument {unknown[0]!r}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     out_dir, verbose = Path(args.out or TOKENIZERS_DIR / args.name), not args.quiet
     try:
+        check_free(out_dir, args.overwrite)  # before reading, which can take long
         documents, sources = read_sources(args.data, args.max_docs, verbose)
         heldout_docs, heldout_note = None, ""
         if args.heldout:
@@ -239,7 +283,7 @@ def main(argv=None):
         command = "python -m toolkit.tokenizer_training " + shlex.join(sys.argv[1:] if argv is None else argv)
         description = {"about": args.about, "sources": sources, "heldout": heldout_note, "command": command}
         family = train_family(documents, args.sizes, out_dir, heldout_docs, args.character_coverage, verbose,
-                              description)
+                              description, overwrite=args.overwrite, sentencepiece_log=args.verbose)
     except (DataError, TokenizerError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out_dir}: sizes {family['sizes']}, bytes/token {family['bytes_per_token']}")

@@ -353,7 +353,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=False, overwrite=Fals
     if resume:
         load_training_state(out, wrapped, optimizer, batches, progress, cfg, env)
     if env.is_main and not resume:
-        save_configs(out, model_cfg, settings)  # the weights follow at the first save
+        save_configs(out, model_cfg, settings, tokenizer)  # the weights follow at the first save
     log = RunLog(out, progress.step if resume else None, cfg.tensorboard, env.is_main)
 
     tokens_per_step = batches.global_batch * seq_len
