@@ -41,9 +41,16 @@ def data_identity(cfg, tokenizer) -> dict:
     return {"data": source_fingerprint(cfg.data, cfg.max_docs), "tokenizer": tokenizer_fingerprint(tokenizer)}
 
 
+def cpu_name() -> str:
+    try:  # Linux names the model here; platform.processor() is often empty there
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def session_record(cfg, tokenizer, device: torch.device, processes: int, step: int, command: str | None) -> dict:
     """This session's entry; its git_diff text is moved into a file of its own by `append_session`."""
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_step": step,
             "command": command, **git_state(CODE_ROOT), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device), "device_name": device_name,

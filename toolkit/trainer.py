@@ -192,7 +192,7 @@ def loop(run: Run, stop: "StopRequest", progress_bar: bool):
         while run.progress.step < run.end:
             lr = learning_rate(run.progress.step, run.cfg)
             run.wrapped, loss, grad_norm = run_step(run, lr)
-            meter.add(loss, grad_norm, run.tokens_per_step)
+            meter.add(loss, run.tokens_per_step)
             signum = stop.agreed(run.env)
             # A session that stops mid-interval writes no row: the resumed run completes it, so the
             # log reads exactly as an uninterrupted run's.
@@ -349,22 +349,20 @@ class Meter:
     def __init__(self, progress: Progress, device: torch.device):
         self.progress = progress
         self.loss_sum = torch.full((), progress.interval_loss, dtype=torch.float64, device=device)
-        self.grad_sum = torch.zeros((), dtype=torch.float64, device=device)  # not finite once a gradient was not
         self.clock = time.perf_counter()
         self.row_seconds, self.row_steps = 0.0, 0  # training time and steps since the last log row
 
-    def add(self, loss, grad_norm, tokens: int):
-        self.loss_sum += loss.double()
-        self.grad_sum += grad_norm.double()
+    def add(self, loss, tokens: int):
+        self.loss_sum += loss  # in place into float64: one kernel, no host sync
         self.progress.step += 1
         self.progress.interval_steps += 1
         self.progress.tokens_seen += tokens
         self.row_steps += 1
 
-    def sums(self) -> tuple[float, float]:
-        """(loss sum, gradient norm sum), waiting for the device once."""
-        loss_sum, grad_sum = torch.stack([self.loss_sum, self.grad_sum]).tolist()
-        return loss_sum, grad_sum
+    def read(self, grad_norm) -> tuple[float, float]:
+        """(loss sum, the last step's gradient norm), waiting for the device once."""
+        loss_sum, grad_norm = torch.stack([self.loss_sum, grad_norm.double()]).tolist()
+        return loss_sum, grad_norm
 
     def lap(self, total: str) -> float:
         """Seconds since the last lap, added to progress.<total> (elapsed_s, eval_elapsed_s, save_elapsed_s)."""
@@ -389,11 +387,11 @@ def at_boundary(run: Run, meter: Meter, log, bar, stop, lr: float, grad_norm, st
     save_now = step % cfg.save_every == 0 or stopping
     if not (log_now or save_now):
         return
-    train_loss = checked_loss(run, meter)  # waits for the device, so the clock below is true
+    train_loss, grad_norm = checked_loss(run, meter, grad_norm)  # waits for the device, so the clock below is true
     meter.lap("elapsed_s")
     if log_now:
         row = {"step": step, "tokens_seen": run.progress.tokens_seen, "lr": lr, "train_loss": train_loss,
-               "grad_norm": float(grad_norm), "elapsed_s": round(run.progress.elapsed_s, 3),
+               "grad_norm": grad_norm, "elapsed_s": round(run.progress.elapsed_s, 3),
                "tokens_per_s": round(meter.row_steps * run.tokens_per_step / meter.row_seconds, 1)}
         if evaluate_now:
             row["val_loss"], row["val_bpb"] = evaluate(run, meter, bar)
@@ -406,14 +404,15 @@ def at_boundary(run: Run, meter: Meter, log, bar, stop, lr: float, grad_norm, st
         save(run, meter, bar, stop)
 
 
-def checked_loss(run: Run, meter: Meter) -> float:
-    """The mean train loss since the last log row, over all processes; stops the run if it, or any
-    gradient norm so far, is not finite (so the checkpoint on disk is always a good one)."""
-    loss_sum, grad_sum = meter.sums()
+def checked_loss(run: Run, meter: Meter, grad_norm) -> tuple[float, float]:
+    """(mean train loss since the last log row over all processes, last gradient norm); stops the run if
+    either is not finite. A bad update shows in every later loss, and the last step's in its gradient
+    norm, so the checkpoint on disk is always a good one."""
+    loss_sum, grad_norm = meter.read(grad_norm)
     train_loss = mean_across_processes(loss_sum / run.progress.interval_steps, run.env)
-    if math.isfinite(train_loss) and math.isfinite(grad_sum):
-        return train_loss
-    what, value = ("loss", train_loss) if not math.isfinite(train_loss) else ("gradient norm", grad_sum)
+    if math.isfinite(train_loss) and math.isfinite(grad_norm):
+        return train_loss, grad_norm
+    what, value = ("loss", train_loss) if not math.isfinite(train_loss) else ("gradient norm", grad_norm)
     advice = "lower --lr or raise --warmup_steps"
     if run.checkpoint_step is None:
         raise TrainError(f"the {what} became {value} by step {run.progress.step}, before the first checkpoint: "
