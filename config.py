@@ -83,35 +83,35 @@ class Settings:
 class ModelConfig(Settings):
     """The architecture. Fields left None are derived at construction (n_kv_heads = n_heads,
     head_dim = dim / n_heads, mlp_hidden from mlp_multiplier and mlp_multiple_of)."""
-    vocab_size: int = 2048
-    context_length: int = 256
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    vocab_size: int = 2048  # token ids the model knows (train.py sets it to the tokenizer's size unless given)
+    context_length: int = 256  # the most tokens the model sees at once
+    dim: int = 128  # width of the residual stream
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads per attention layer
     n_kv_heads: int | None = 2  # None or n_heads: MHA; 1: MQA; in between: GQA
-    head_dim: int | None = None
+    head_dim: int | None = None  # None: dim / n_heads
     attention: str = "causal"  # a key of modules.attention.ATTENTIONS
     positions: str = "rope"  # rope | learned | none
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base: larger rotates slower, for longer contexts
     rope_scaling: dict | None = None  # Llama 3.1 style: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
-    qk_norm: bool = False
+    qk_norm: bool = False  # normalise queries and keys per head before attention
     sliding_window: int | None = None  # each token attends to at most this many tokens (itself included)
     norm: str = "rmsnorm"  # a key of modules.norm.NORMS
-    norm_eps: float = 1e-5
-    norm_affine: bool = True
-    norm_bias: bool = False
+    norm_eps: float = 1e-5  # keeps each norm from dividing by zero
+    norm_affine: bool = True  # norms have a learned scale
+    norm_bias: bool = False  # norms have a learned bias (LayerNorm)
     norm_placement: str = "pre"  # pre | post | sandwich
     mlp: str = "gated"  # a key of modules.mlp.MLPS
     activation: str = "silu"  # a key of modules.mlp.ACTIVATIONS
-    mlp_hidden: int | None = None
-    mlp_multiplier: float = 8 / 3
+    mlp_hidden: int | None = None  # None: mlp_multiplier * dim, rounded up to mlp_multiple_of
+    mlp_multiplier: float = 8 / 3  # MLP width over dim, when mlp_hidden is None
     mlp_multiple_of: int = 1  # round mlp_hidden up to a multiple of this
     bias: bool = False  # biases in the attention and MLP linear layers
     tie_embeddings: bool = False  # the output head shares the token embedding matrix
-    embed_dropout: float = 0.0  # dropout sites: after the embeddings,
-    attn_dropout: float = 0.0  # on the attention probabilities,
-    resid_dropout: float = 0.0  # and on each block's output before it joins the residual stream
-    init_std: float = 0.02
+    embed_dropout: float = 0.0  # dropout after the token (and position) embeddings
+    attn_dropout: float = 0.0  # dropout on the attention probabilities
+    resid_dropout: float = 0.0  # dropout on each block's output before it joins the residual stream
+    init_std: float = 0.02  # standard deviation of the initial weights
 
     def __post_init__(self):
         self.check_types()
@@ -187,28 +187,26 @@ PRESETS = {
 class TrainConfig(Settings):
     """How to train: data, tokenizer, optimisation, evaluation and logging. `python train.py` uses
     these defaults; override any of them with --field=value."""
-    name: str = "Llama3_1m"  # the run's folder: trained/NAME
-    # the stories shipped in data/ (tinystories-sample, tinystories-heldout, shakespeare), a hub dataset
-    # (tinystories: all of TinyStoriesV2, streamed; fineweb-edu; hf:ID) or local files, folders, globs (comma-separated)
-    data: str = "tinystories-sample"
+    name: str = "Llama3_1m"  # the run's folder: trained/NAME (with --preset and no --name: the preset's name)
+    data: str = "tinystories-sample"  # shipped text (tinystories-sample, shakespeare), hub (tinystories, fineweb-edu, hf:ID), files/globs
     text_format: str = "auto"  # .txt layout: auto | documents (<|endoftext|> lines) | lines | whole
     max_docs: int | None = None  # read at most this many documents (hub datasets are large)
     val_fraction: float = 0.1  # documents (or, for one whole text, its tail) held out for validation
     tokenizer: str = "tinystories-sample-2048"  # see toolkit/tokenizer.py: FAMILY-SIZE, bytes, gpt2, hf:ID
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False  # torch.compile the model (falls back to eager with a warning if it fails)
-    seed: int = 1337
+    seed: int = 1337  # initial weights, batch order and dropout
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1600  # 1600 x 16 x 256 = 6.55M tokens at the default context_length
-    lr: float = 2e-3
-    min_lr: float = 2e-4
+    max_steps: int = 1600  # optimizer steps of the whole run (1600 x 16 x 256 = 6.55M tokens by default)
+    lr: float = 2e-3  # peak learning rate, reached at the end of warmup
+    min_lr: float = 2e-4  # the rate cosine and wsd decay to
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant, each after linear warmup
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # steps of linear warmup from 0 to lr
     decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays to min_lr
     weight_decay: float = 0.1  # on matrices only: never on norms, biases or embeddings
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # AdamW's momentum
+    beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     doc_masking: bool = False  # attend only within each document of a packed window
     eval_every: int = 200  # steps between validation runs (and at the end)
@@ -234,9 +232,18 @@ class TrainConfig(Settings):
         require(self.lr > 0, "lr", self.lr, "must be positive")
         require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
         require(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "must be in (0, 1]")
+        if self.schedule == "wsd":  # warmup running into the decay would make the rate jump down when it ends
+            decay_start = self.wsd_decay_start()
+            require(self.warmup_steps <= decay_start, "warmup_steps", self.warmup_steps,
+                    f"wsd decays from step {decay_start} of {self.max_steps} (decay_fraction={self.decay_fraction}), "
+                    f"so warmup must end by then: lower warmup_steps or decay_fraction")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be zero or positive")
         require(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
         require(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be zero (off) or positive")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device", self.device,
                 "choose auto, cpu, cuda, cuda:N or mps")
+
+    def wsd_decay_start(self) -> int:
+        """The step where warmup-stable-decay starts to decay: the last decay_fraction of max_steps."""
+        return self.max_steps - int(self.decay_fraction * self.max_steps)

@@ -2,8 +2,10 @@
 import math
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from config import TrainConfig
+from config import ConfigError, TrainConfig
 from toolkit.schedule import learning_rate
 
 
@@ -36,3 +38,29 @@ def test_warmup_stable_decay():
 
 def test_constant():
     assert rates(schedule="constant")[10:] == pytest.approx([1e-3] * 100)
+
+
+def test_wsd_refuses_a_warmup_that_runs_into_the_decay():
+    with pytest.raises(ConfigError, match=r"^warmup_steps=50 is not valid: wsd decays from step 20 of 100 .* "
+                                          r"lower warmup_steps or decay_fraction$"):
+        TrainConfig(schedule="wsd", max_steps=100, warmup_steps=50, decay_fraction=0.8)
+    lr = rates(schedule="wsd", max_steps=100, warmup_steps=20, decay_fraction=0.8)  # warmup ends where decay starts
+    assert lr[19] == pytest.approx(1e-3) and lr[20] == pytest.approx(1e-3 + (1 / 80) * (1e-4 - 1e-3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(schedule=st.sampled_from(["cosine", "wsd", "constant"]), max_steps=st.integers(1, 400),
+       warmup_steps=st.integers(0, 400), decay_fraction=st.floats(0.01, 1.0), min_lr=st.floats(0.0, 1e-3))
+def test_every_accepted_schedule_changes_the_rate_without_jumps(schedule, max_steps, warmup_steps, decay_fraction, min_lr):
+    """Between two steps the rate moves at most as fast as warmup's ramp or the decay's steepest slope."""
+    try:
+        cfg = TrainConfig(schedule=schedule, lr=1e-3, min_lr=min_lr, max_steps=max_steps, warmup_steps=warmup_steps,
+                          decay_fraction=decay_fraction)
+    except ConfigError:
+        assume(False)
+    lr = [learning_rate(step, cfg) for step in range(max_steps)]
+    ramp = cfg.lr / max(1, warmup_steps)
+    decay = (cfg.lr - cfg.min_lr) * max(math.pi / 2 / max(1, max_steps - warmup_steps),
+                                        1 / max(1, int(decay_fraction * max_steps)))
+    assert max((abs(b - a) for a, b in zip(lr, lr[1:])), default=0) <= max(ramp, decay) * (1 + 1e-9)
+    assert all(cfg.min_lr - 1e-12 <= r <= cfg.lr + 1e-12 for r in lr[warmup_steps:])

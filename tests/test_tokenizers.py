@@ -579,12 +579,14 @@ def test_a_model_whose_tokenizer_changed_is_refused_in_one_line(family_model, tm
         # inference exits with the line; the comparison prints it (naming the model) and exits 1
         message = str(exit_info.value.code) if exit_info.value.code != 1 else capsys.readouterr().err.strip()
         assert message.startswith("error: ") and expected in message and "\n" not in message
+    (checkpoint.TRAINED / name / "training_state.pt").touch()  # a checkpoint to resume (never read: refused first)
     with pytest.raises(LoadError, match="which has changed since"):  # train.py --resume reads it too
         train.configs([f"--name={name}", "--resume"])
 
 
 def test_resuming_with_another_tokenizer_is_refused(family_model):
     name, _, tokenizer = family_model
+    (checkpoint.TRAINED / name / "training_state.pt").touch()  # a checkpoint to resume (never read: refused first)
     with pytest.raises(LoadError) as error:
         train.configs([f"--name={name}", "--resume", "--tokenizer=bytes"])
     assert str(error.value) == (f"trained/{name} was trained with tokenizer {tokenizer.name} (fingerprint "

@@ -1,5 +1,7 @@
 """train.py's command line: every field overridable, one-line errors with suggestions, resume rules."""
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -7,7 +9,9 @@ import pytest
 
 from config import ConfigError, ModelConfig, TrainConfig
 from conftest import ROOT
-from toolkit.cli import route_overrides, split_arguments
+from toolkit import checkpoint
+from toolkit.cli import field_descriptions, route_overrides, split_arguments
+from toolkit.trainer import TrainError
 from train import configs
 
 
@@ -63,13 +67,16 @@ def run_train(tmp_path, *argv):
 
 
 def test_script_errors_are_one_line_without_traceback(tmp_path):
-    for argv, message in [(["--n_layer=2"], "error: unknown setting --n_layer (did you mean n_layers?)"),
+    for argv, message in [(["--n_layer=2"], r"error: unknown setting --n_layer \(did you mean n_layers\?\)"),
                           (["--data=/no/such/file.txt", "--tokenizer=bytes"], "error: no data at '/no/such/file.txt'"),
                           (["--tokenizer=klingon-512"], "error: unknown tokenizer family 'klingon'"),
-                          (["--resume", "--name=nothing"], "error: nothing to resume: trained/nothing holds no run")]:
+                          (["--resume", "--name=nothing"], r"error: nothing to resume: \S*trained/nothing holds no run"),
+                          (["--stop_at=0"], r"error: stop_at=0 is not valid: must be a positive step number$"),
+                          (["--stop_at=-3"], r"error: stop_at=-3 is not valid: must be a positive step number$")]:
         done = run_train(tmp_path, *argv)
-        assert done.returncode == 1 and done.stderr.strip().startswith(message), done.stderr
+        assert done.returncode == 1 and re.match(message, done.stderr.strip()), done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "trained").exists()  # nothing failed half way: no folder to block the next run
 
 
 def test_script_trains_resumes_and_records_its_command(tmp_path):
@@ -89,8 +96,40 @@ def test_script_trains_resumes_and_records_its_command(tmp_path):
     assert (tmp_path / "trained" / "cli" / "log_data.csv").read_text().splitlines()[-1].startswith("6,")
 
 
-def test_help_lists_every_field():
-    done = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0
-    for field in ("--n_kv_heads=", "--rope_theta=", "--lr=", "--doc_masking=", "--fsdp="):
-        assert field in done.stdout
+def help_lines(*argv) -> dict[str, str]:
+    """--help's lines that describe a setting: {'--name=value' or '--option': description}."""
+    done = subprocess.run([sys.executable, "train.py", *argv, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = [line.split(None, 1) for line in done.stdout.splitlines() if line.startswith("  --")]
+    assert all(len(parts) == 2 for parts in lines), [parts for parts in lines if len(parts) != 2]
+    return dict(lines)
+
+
+def test_help_lists_the_run_options_and_every_field_with_its_default_and_description():
+    lines = help_lines()
+    assert {"--preset=NAME", "--resume", "--overwrite", "--stop_at=STEP"} <= set(lines)
+    for cls in (ModelConfig, TrainConfig):
+        described = field_descriptions(cls)
+        for f in dataclasses.fields(cls):
+            shown = f"--{f.name}={getattr(cls(), f.name)}"
+            assert lines[shown] == described[f.name] != "", shown  # config.py's comment, the one description
+    assert lines["--n_kv_heads=2"] == "None or n_heads: MHA; 1: MQA; in between: GQA"
+    preset = help_lines("--preset=gpt2-1m", "--dim=64")
+    assert {"--positions=learned", "--norm=layernorm", "--tie_embeddings=True", "--dim=64", "--head_dim=16",
+            "--name=gpt2-1m"} <= set(preset)
+
+
+def test_a_preset_without_a_name_trains_into_its_own_folder():
+    assert configs(["--preset=gpt2-1m", "--tokenizer=bytes"])[1].name == "gpt2-1m"
+    assert configs(["--preset=gpt2-1m", "--tokenizer=bytes", "--name=mine"])[1].name == "mine"
+    assert configs(["--tokenizer=bytes"])[1].name == TrainConfig().name
+
+
+def test_resume_and_the_existing_run_message_agree_on_a_folder_without_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "TRAINED", tmp_path)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model_config.json").write_text(ModelConfig().to_json())  # killed before its first save
+    (tmp_path / "half" / "train_config.json").write_text(TrainConfig(name="half").to_json())
+    with pytest.raises(TrainError, match=r"^nothing to resume: \S+half holds files but no checkpoint to resume from "
+                                         r"\(training_state.pt\): pass --overwrite to start again"):
+        configs(["--name=half", "--resume"])

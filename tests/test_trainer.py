@@ -1,10 +1,16 @@
 """The training loop: outputs, learning, exact resume, Ctrl+C, NaN, safe checkpoints, DDP and FSDP."""
+import ast
+import io
 import json
 import math
 import os
+import platform
+import shutil
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,12 +19,15 @@ import torch
 from safetensors import safe_open
 
 import tools
-from config import ModelConfig, TrainConfig
+from config import ConfigError, ModelConfig, TrainConfig
 from conftest import ROOT
 from modules.model import Model
-from toolkit import checkpoint, data, trainer
+from toolkit import checkpoint, data, provenance, trainer
 from toolkit.checkpoint import save_model
+from toolkit.cli import SafeStream
+from toolkit.data import DataError
 from toolkit.hf import LoadError
+from toolkit.tokenizer import TokenizerError, load_tokenizer
 from toolkit.trainer import TrainError, make_optimizer, train
 
 EXACT_COLUMNS = ["step", "tokens_seen", "lr", "train_loss", "val_loss", "val_bpb", "grad_norm"]
@@ -37,6 +46,7 @@ def workspace(tmp_path, monkeypatch):
     """Runs and token caches go to tmp_path; returns the path of a small text corpus."""
     monkeypatch.setattr(checkpoint, "TRAINED", tmp_path / "trained")
     monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(provenance, "CODE_ROOT", tmp_path)  # outside any git checkout: the record says null
     source = tmp_path / "stories.txt"
     source.write_text("".join(doc + "\n<|endoftext|>\n" for doc in corpus()))
     return source
@@ -62,7 +72,7 @@ def log(out):
 def test_a_run_writes_its_outputs_and_learns(workspace):
     out = run(workspace, max_steps=40)
     assert sorted(p.name for p in out.iterdir()) == ["log_data.csv", "model.safetensors", "model_config.json",
-                                                      "train_config.json", "training_state.pt"]
+                                                      "provenance.json", "train_config.json", "training_state.pt"]
     rows = log(out)
     assert list(rows.columns) == trainer.LOG_COLUMNS
     assert rows["step"].tolist() == sorted(set(range(2, 41, 2)) | set(range(5, 41, 5)))
@@ -111,12 +121,78 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(workspace, monkeypatch):
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_step", interrupted_step)
-    out = run(workspace, name="interrupted")
+    with pytest.raises(trainer.Interrupted, match=r"^Ctrl\+C \(SIGINT\) at step 7: saved a checkpoint in .*interrupted; "
+                                                  r"continue it with --resume$") as stopped:
+        run(workspace, name="interrupted")
+    assert stopped.value.exit_code == 130
+    out = checkpoint.TRAINED / "interrupted"
     assert torch.load(out / "training_state.pt", weights_only=True)["step"] == 7
     monkeypatch.setattr(trainer, "train_step", real_step)
     resumed = log(run(workspace, name="interrupted", resume=True))
     assert np.allclose(straight[EXACT_COLUMNS].to_numpy(float), resumed[EXACT_COLUMNS].to_numpy(float),
                        atol=1e-6, equal_nan=True)
+
+
+LONG = 10 ** 6  # steps: a run that only a signal ends
+
+
+def start_script(workspace, name, **popen):
+    """train.py on a tiny model, in a process group of its own (as a terminal runs a pipeline)."""
+    args = [sys.executable, "train.py", f"--name={name}", f"--data={workspace}", "--tokenizer=bytes", "--dim=32",
+            "--n_layers=1", "--context_length=16", "--batch_size=2", f"--max_steps={LONG}", "--log_every=5",
+            f"--eval_every={LONG}", "--eval_batches=1", f"--save_every={LONG}", "--device=cpu"]
+    env = {**os.environ, "TRAINED_DIR": str(checkpoint.TRAINED), "DATA_CACHE": str(data.CACHE), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, cwd=ROOT, env=env, process_group=0, **popen)
+
+
+def wait_until_training(process, out, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not ((out / "log_data.csv").is_file() and len((out / "log_data.csv").read_text().splitlines()) > 1):
+        assert process.poll() is None and time.monotonic() < deadline, f"no training step (exit {process.poll()})"
+        time.sleep(0.05)
+
+
+def test_signals_save_a_checkpoint_and_exit_with_128_plus_the_signal_even_when_nobody_reads_the_output(workspace):
+    data.prepare_data(str(workspace), load_tokenizer("bytes"), progress=False)  # the runs share one token cache
+    # Ctrl+C on `python train.py 2>&1 | tee log`: the terminal signals the whole pipeline and tee dies first.
+    piped = start_script(workspace, "sigint", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tee = subprocess.Popen(["tee", str(workspace.parent / "tee.log")], stdin=piped.stdout,
+                           stdout=subprocess.DEVNULL, process_group=piped.pid)
+    piped.stdout.close()
+    # SIGTERM and SIGHUP (terminal closed) on runs whose output pipe has no reader from the start.
+    runs = {signal.SIGINT: piped}
+    for sig, name in ((signal.SIGTERM, "sigterm"), (signal.SIGHUP, "sighup")):
+        runs[sig] = start_script(workspace, name, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        runs[sig].stdout.close()
+    names = {signal.SIGINT: "sigint", signal.SIGTERM: "sigterm", signal.SIGHUP: "sighup"}
+    for sig, process in runs.items():
+        wait_until_training(process, checkpoint.TRAINED / names[sig])
+        if sig == signal.SIGINT:
+            tee.send_signal(signal.SIGINT)
+            tee.wait(timeout=60)
+        os.killpg(process.pid, sig)
+    for sig, process in runs.items():
+        assert process.wait(timeout=240) == 128 + sig, names[sig]
+        out = checkpoint.TRAINED / names[sig]
+        state = torch.load(out / "training_state.pt", weights_only=True)
+        logged = log(out)["step"]
+        assert logged.iloc[-1] <= state["step"] < LONG and state["progress"]["tokens_seen"] == state["step"] * 2 * 16
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert f.metadata()["step"] == str(state["step"])
+        model, _ = checkpoint.load_checkpoint(out)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_closed_output_is_ignored_for_the_rest_of_the_process():
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = SafeStream(open(write_end, "w", buffering=1))
+    assert stream.write("lost\n") == 5  # EPIPE: ignored, and the descriptor now points at /dev/null
+    stream.flush()
+    assert os.write(write_end, b"x") == 1
+    closed = SafeStream(io.StringIO())
+    closed.stream.close()
+    assert closed.write("also lost") == 9 and closed.flush() is None  # ValueError on a closed file: ignored
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workspace, monkeypatch):
@@ -129,13 +205,151 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workspace, 
         return (loss * float("nan") if len(calls) >= 11 else loss), grad_norm
 
     monkeypatch.setattr(trainer, "train_step", failing_step)
-    with pytest.raises(TrainError, match=r"the loss became nan by step 12: stopped.*--resume") as error:
+    with pytest.raises(TrainError, match=r"^the loss became nan by step 12: stopped, keeping the last good checkpoint "
+                                         r"\(step 8\) in \S+run; lower --lr or raise --warmup_steps, then --resume$"):
         run(workspace)
-    assert "\n" not in str(error.value)
     out = checkpoint.TRAINED / "run"
     assert torch.load(out / "training_state.pt", weights_only=True)["step"] == 8  # saved every 4 steps
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.metadata()["step"] == "8" and all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
+def poisoned_step(monkeypatch, from_call, poison):
+    """train_step whose (loss, gradient norm) go through `poison` from its from_call-th call on."""
+    real_step, calls = trainer.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        loss, grad_norm = real_step(*args, **kwargs)
+        return poison(loss, grad_norm) if len(calls) >= from_call else (loss, grad_norm)
+
+    monkeypatch.setattr(trainer, "train_step", step)
+
+
+def test_a_bad_gradient_stops_too_and_resume_is_offered_only_with_a_checkpoint(workspace, monkeypatch):
+    with monkeypatch.context() as m:  # an overflowing gradient ruins the update while the loss still looks fine
+        poisoned_step(m, 6, lambda loss, grad_norm: (loss, grad_norm * math.inf))
+        with pytest.raises(TrainError, match=r"^the gradient norm became inf by step 6: stopped, keeping the last good "
+                                             r"checkpoint \(step 4\) in \S+run; .*, then --resume$"):
+            run(workspace)
+    assert torch.load(checkpoint.TRAINED / "run" / "training_state.pt", weights_only=True)["step"] == 4
+    with monkeypatch.context() as m:
+        poisoned_step(m, 1, lambda loss, grad_norm: (loss * math.nan, grad_norm))
+        with pytest.raises(TrainError) as error:
+            run(workspace, name="early")
+    assert str(error.value) == ("the loss became nan by step 2, before the first checkpoint: nothing was saved; "
+                                "lower --lr or raise --warmup_steps and train again")
+    assert not (checkpoint.TRAINED / "early").exists()
+    assert log(run(workspace, name="early", max_steps=4))["step"].max() == 4  # the same command runs again
+
+
+@pytest.mark.parametrize("failure", ["no data", "bad tokenizer", "missing package", "first step"])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_that_blocks_a_rerun(workspace, monkeypatch, failure):
+    command = "python train.py --name=run"
+    settings = {"no data": {"data": str(workspace.parent / "missing.txt")}, "bad tokenizer": {"tokenizer": "klingon-512"},
+                "missing package": {"tensorboard": True}, "first step": {}}[failure]
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+        if failure == "first step":
+            m.setattr(trainer, "train_step", out_of_memory)
+        with pytest.raises((TrainError, DataError, TokenizerError, RuntimeError)):
+            train(*configs(workspace, max_steps=4, **settings), command=command, progress_bar=False)
+    assert not (checkpoint.TRAINED / "run").exists()
+    out = train(*configs(workspace, max_steps=4), command=command, progress_bar=False)
+    assert log(out)["step"].max() == 4 and (out / "command.txt").read_text() == command + "\n"
+
+
+def test_what_a_folder_holds_decides_the_message_and_a_run_is_replaced_only_when_its_successor_is_ready(workspace):
+    out = checkpoint.TRAINED / "run"
+    out.mkdir(parents=True)
+    (out / "model_config.json").write_text("{}")  # as a run killed before its first checkpoint leaves it
+    advice = r"but no checkpoint to resume from \(training_state.pt\): pass --overwrite to start again, or choose another --name$"
+    for settings, message in [({}, r"^\S+run holds files " + advice),
+                              ({"resume": True}, r"^nothing to resume: \S+run holds files " + advice),
+                              ({"resume": True, "overwrite": True}, r"^--resume and --overwrite contradict each other")]:
+        with pytest.raises(TrainError, match=message):
+            run(workspace, **settings)
+    (out / "model.safetensors").write_bytes(b"")  # a model without its training state, as the shipped ones
+    with pytest.raises(TrainError, match=r"^\S+run holds a model " + advice):
+        run(workspace)
+    assert log(run(workspace, max_steps=4, overwrite=True))["step"].max() == 4
+    with pytest.raises(DataError):
+        run(workspace, data=str(workspace.parent / "missing.txt"), overwrite=True)
+    assert log(out)["step"].max() == 4 and (out / "training_state.pt").is_file()  # the old run is still there
+
+
+def test_resuming_a_finished_run_says_so_and_stop_at_must_lie_ahead(workspace):
+    run(workspace, max_steps=8)
+    with pytest.raises(TrainError, match=r"^\S+run already finished its 8 steps: raise --max_steps to train on$"):
+        run(workspace, max_steps=8, resume=True)
+    with pytest.raises(TrainError, match=r"^--stop_at=8 is not after step 8, where \S+run stands: pass a later step$"):
+        run(workspace, max_steps=12, stop_at=8, resume=True)
+    for stop_at in (0, -2):
+        with pytest.raises(ConfigError, match=rf"^stop_at={stop_at} is not valid: must be a positive step number$"):
+            run(workspace, name="other", stop_at=stop_at)
+    assert log(run(workspace, max_steps=12, resume=True))["step"].max() == 12
+
+
+def test_elapsed_time_counts_training_alone(workspace, monkeypatch, capsys):
+    real_score, real_save = trainer.score, trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "score", lambda *args: time.sleep(0.3) or real_score(*args))
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda *args: time.sleep(0.2) or real_save(*args))
+    start = time.perf_counter()
+    model_cfg, train_cfg = configs(workspace, max_steps=20)  # evaluates at 5, 10, 15, 20; saves at 4, 8, 12, 16, 20
+    rows = log(train(model_cfg, train_cfg))
+    wall = time.perf_counter() - start
+    evaluated = rows.dropna(subset=["val_loss"])
+    assert (evaluated["eval_elapsed_s"].diff().dropna() >= 0.3).all() and evaluated["eval_elapsed_s"].iloc[0] >= 0.3
+    last = rows.iloc[-1]
+    assert last["save_elapsed_s"] >= 4 * 0.2  # the saves before the last row
+    assert last["elapsed_s"] + last["eval_elapsed_s"] + last["save_elapsed_s"] <= wall
+    bar = capsys.readouterr().err
+    assert "run (evaluating)" in bar and "run (saving)" in bar
+
+
+def test_each_session_records_what_reproducing_it_needs(workspace, monkeypatch, tmp_path):
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "code"
+    repo.mkdir()
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    (repo / "model.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    (repo / "model.py").write_text("x = 2\n")  # uncommitted during the first session
+    monkeypatch.setattr(provenance, "CODE_ROOT", repo)
+    run(workspace, stop_at=8)
+    (repo / "model.py").write_text("x = 1\n")
+    out = run(workspace, resume=True)
+    sessions = json.loads((out / "provenance.json").read_text())["sessions"]
+    assert [s["from_step"] for s in sessions] == [0, 8]
+    assert [(s["git_commit"], s["git_dirty"], s["git_diff"]) for s in sessions] == [
+        (git("rev-parse", "HEAD").strip(), True, "uncommitted_1.diff"), (git("rev-parse", "HEAD").strip(), False, None)]
+    assert "-x = 1\n+x = 2\n" in (out / "uncommitted_1.diff").read_text()
+    identity = {"data_sha256": data.data_sha256(str(workspace), None), "tokenizer": "bytes",
+                "tokenizer_fingerprint": load_tokenizer("bytes").fingerprint}
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": "cpu", "threads": torch.get_num_threads(), "processes": 1}
+    for session in sessions:
+        assert {k: session[k] for k in [*identity, *versions]} == {**identity, **versions}
+    monkeypatch.setattr(provenance, "CODE_ROOT", tmp_path / "not-a-checkout")
+    out = run(workspace, name="elsewhere", max_steps=2)
+    session, = json.loads((out / "provenance.json").read_text())["sessions"]
+    assert (session["git_commit"], session["git_dirty"], session["git_diff"]) == (None, None, None)
+
+
+def test_the_trainer_is_made_of_short_functions():
+    tree = ast.parse(Path(trainer.__file__).read_text())
+    lengths = {f.name: f.end_lineno - f.lineno + 1 for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    assert max(lengths.values()) <= 60, sorted(lengths.items(), key=lambda item: -item[1])[:3]
 
 
 def test_an_existing_run_is_never_overwritten_silently(workspace):
@@ -235,31 +449,35 @@ def test_vocab_smaller_than_the_tokenizer_is_refused(workspace):
         train(model_cfg, train_cfg, progress_bar=False)
 
 
-def torchrun(workspace, tmp_path, name, nproc, *extra):
-    settings = ["--data", str(workspace), "--tokenizer=bytes", "--preset=llama3-1m", "--dim=32", "--n_layers=2",
-                "--context_length=32", "--max_steps=6", "--log_every=1", "--eval_every=3", "--eval_batches=2",
-                "--warmup_steps=2", "--device=cpu"]
-    args = [f"--name={name}", *extra] + ([] if "--resume" in extra else settings)
+DISTRIBUTED_SETTINGS = ["--tokenizer=bytes", "--preset=llama3-1m", "--dim=32", "--n_layers=2", "--context_length=32",
+                        "--max_steps=8", "--log_every=4", "--eval_every=4", "--eval_batches=2", "--warmup_steps=2",
+                        "--device=cpu"]
+
+
+def torchrun(workspace, name, nproc, *extra):
+    args = [f"--name={name}", *extra] + ([] if "--resume" in extra else [f"--data={workspace}", *DISTRIBUTED_SETTINGS])
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "train.py", *args]
-    env = {**os.environ, "TRAINED_DIR": str(tmp_path / "trained"), "DATA_CACHE": str(tmp_path / "cache"),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRAINED_DIR": str(checkpoint.TRAINED), "DATA_CACHE": str(data.CACHE), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    return pd.read_csv(tmp_path / "trained" / name / "log_data.csv")
+    return log(checkpoint.TRAINED / name)
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(workspace, tmp_path, sharding):
-    one = torchrun(workspace, tmp_path, "one", 1, "--batch_size=8")
-    two_processes = ["--batch_size=4", f"--fsdp={sharding == 'fsdp'}"]
-    if sharding == "fsdp":  # and through a stop and a resume, which gather and scatter the sharded state
-        torchrun(workspace, tmp_path, "two", 2, *two_processes, "--stop_at=4")
-        two_processes = ["--resume"]
-    two = torchrun(workspace, tmp_path, "two", 2, *two_processes)
+def test_two_processes_give_the_losses_of_one_with_the_same_global_batch_through_a_resume(workspace, sharding):
+    from train import configs as parse
+    model_cfg, train_cfg, _, _ = parse([f"--data={workspace}", *DISTRIBUTED_SETTINGS, "--batch_size=8", "--name=one"])
+    one = log(train(model_cfg, train_cfg, progress_bar=False))
+    # Stopped at step 6, half way through the row of steps 5-8: the resumed run must log the mean loss of
+    # both processes' steps 5 and 6, not only rank 0's. A stop and a resume also gather and scatter FSDP's shards.
+    torchrun(workspace, "two", 2, "--batch_size=4", f"--fsdp={sharding == 'fsdp'}", "--stop_at=6")
+    two = torchrun(workspace, "two", 2, "--resume")
     assert np.allclose(one[EXACT_COLUMNS].to_numpy(float), two[EXACT_COLUMNS].to_numpy(float), atol=1e-5, equal_nan=True)
-    assert two["tokens_seen"].iloc[-1] == 6 * 8 * 32
-    assert sorted(p.name for p in (tmp_path / "trained" / "two").iterdir()) == [
-        "command.txt", "log_data.csv", "model.safetensors", "model_config.json", "train_config.json", "training_state.pt"]
+    assert two["step"].tolist() == [4, 8] and two["tokens_seen"].iloc[-1] == 8 * 8 * 32
+    written = (checkpoint.TRAINED / "two").iterdir()  # (and the diff of this checkout, when it has changes)
+    assert sorted(p.name for p in written if not p.match(provenance.DIFF_PATTERN)) == [
+        "command.txt", "log_data.csv", "model.safetensors", "model_config.json", "provenance.json", "train_config.json",
+        "training_state.pt"]
 
 
 def test_real_text_tiny_shakespeare_learns(tmp_path, monkeypatch):

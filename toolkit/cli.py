@@ -1,7 +1,13 @@
-"""Command-line overrides of config fields: --field=value (or --model.field / --train.field),
-parsed by each field's type, with one-line errors that suggest the closest valid name."""
+"""Command-line plumbing: overrides of config fields (--field=value, or --model.field / --train.field)
+parsed by each field's type with one-line errors that suggest the closest valid name; --help built from
+config.py's own comments; and console streams that survive a closed pipe or terminal."""
 import dataclasses
+import inspect
+import io
 import json
+import os
+import sys
+import tokenize
 import types
 import typing
 
@@ -73,12 +79,73 @@ def route_overrides(values: dict[str, str], extra: tuple[str, ...] = ()) -> tupl
     return model, train, other
 
 
-def describe_fields() -> str:
-    """Every setting with its default, for --help."""
-    lines = []
-    for cls in (ModelConfig, TrainConfig):
-        lines.append(f"{cls.__name__} (--field=value or --{cls.__name__[:-6].lower()}.field=value):")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            lines.append(f"  --{f.name}={default}")
-    return "\n".join(lines)
+def field_descriptions(cls) -> dict[str, str]:
+    """Each field's trailing comment in its class's source (config.py): the one place settings are described."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    descriptions, first = {}, None  # first: the first token of the current logical line
+    for token in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if token.type in (tokenize.NEWLINE, tokenize.NL):
+            first = None
+        elif token.type not in (tokenize.INDENT, tokenize.DEDENT) and first is None:
+            first = token.string
+        if token.type == tokenize.COMMENT and first in names:
+            descriptions.setdefault(first, token.string.lstrip("#").strip())
+    return descriptions
+
+
+def describe_settings(model_cfg, train_cfg, run_options: dict[str, str]) -> str:
+    """--help: the run options, then every field with the value it would take and its description."""
+    rows = [("Run options (not saved with the run):", None)]
+    rows += [(f"  --{name}", text) for name, text in run_options.items()]
+    for cfg in (model_cfg, train_cfg):
+        cls = type(cfg)
+        rows.append((f"{cls.__name__} (--field=value or --{cls.__name__[:-6].lower()}.field=value):", None))
+        descriptions = field_descriptions(cls)
+        rows += [(f"  --{f.name}={getattr(cfg, f.name)}", descriptions.get(f.name, "")) for f in dataclasses.fields(cls)]
+    width = max(len(left) for left, text in rows if text is not None) + 2
+    return "\n".join(left if text is None else f"{left:<{width}}{text}" for left, text in rows)
+
+
+class SafeStream:
+    """stdout or stderr that ignores writes once nobody reads them (a closed pipe, a closed terminal), so
+    that printing can never stop a run from saving its work. After the first failed write the file
+    descriptor is pointed at /dev/null, which also quiets C code, other writers and the flush at exit."""
+
+    def __init__(self, stream):
+        self.stream, self.lost = stream, False
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):  # BrokenPipeError, EIO from a hung-up terminal, or a closed file
+            self.discard()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.discard()
+
+    def discard(self):
+        if self.lost:
+            return
+        self.lost = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass  # no descriptor of its own (a closed or in-memory stream): dropping the writes is enough
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def safe(stream):
+    return stream if isinstance(stream, SafeStream) or stream is None else SafeStream(stream)
+
+
+def protect_output():
+    """Make sys.stdout and sys.stderr SafeStreams for the rest of the process."""
+    sys.stdout, sys.stderr = safe(sys.stdout), safe(sys.stderr)

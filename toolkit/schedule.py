@@ -11,7 +11,7 @@ def learning_rate(step: int, cfg) -> float:
     if cfg.schedule == "cosine":
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
         return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-    decay_start = cfg.max_steps - int(cfg.decay_fraction * cfg.max_steps)  # wsd: stable, then linear decay
+    decay_start = cfg.wsd_decay_start()  # wsd: stable, then linear decay (validation keeps warmup before it)
     if step < decay_start:
         return cfg.lr
     progress = min(1.0, (step - decay_start + 1) / max(1, cfg.max_steps - decay_start))
