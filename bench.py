@@ -262,7 +262,8 @@ def bench_loop(args):
     import pandas as pd
 
     from toolkit import checkpoint, data
-    from toolkit.trainer import Distributed, make_optimizer, train, train_step
+    from toolkit.optim import make_optimizer
+    from toolkit.trainer import Distributed, train, train_step
 
     parser = argparse.ArgumentParser(prog="bench.py loop", description=bench_loop.__doc__)
     parser.add_argument("--batch_size", type=int, default=16)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from modules.attention import ATTENTIONS
 from modules.mlp import ACTIVATIONS, MLPS
 from modules.norm import NORMS
+from toolkit.optim import OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -204,7 +205,11 @@ class TrainConfig(Settings):
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant, each after linear warmup
     warmup_steps: int = 100  # steps of linear warmup from 0 to lr
     decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays to min_lr
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest): toolkit/optim.py
     weight_decay: float = 0.1  # on matrices only: never on norms, biases or embeddings
+    muon_lr: float | None = None  # muon: the hidden matrices' peak rate (None: lr); the schedule scales it too
+    muon_momentum: float = 0.95  # muon: momentum of the hidden matrices' updates
+    muon_adjust_lr: str = "match_rms_adamw"  # muon: match_rms_adamw (AdamW's rate carries over) | original
     beta1: float = 0.9  # AdamW's momentum
     beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
@@ -237,6 +242,11 @@ class TrainConfig(Settings):
             require(self.warmup_steps <= decay_start, "warmup_steps", self.warmup_steps,
                     f"wsd decays from step {decay_start} of {self.max_steps} (decay_fraction={self.decay_fraction}), "
                     f"so warmup must end by then: lower warmup_steps or decay_fraction")
+        one_of("optimizer", self.optimizer, OPTIMIZERS)
+        one_of("muon_adjust_lr", self.muon_adjust_lr, ("match_rms_adamw", "original"))
+        if self.muon_lr is not None:
+            require(self.muon_lr > 0, "muon_lr", self.muon_lr, "must be None or positive")
+        require(0 <= self.muon_momentum < 1, "muon_momentum", self.muon_momentum, "must be in [0, 1)")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be zero or positive")
         require(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
         require(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")

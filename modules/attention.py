@@ -118,6 +118,7 @@ class CausalSelfAttention(LoggingModule):
         self.layer_index = layer_index  # which slice of the KV cache is ours
         self.split = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
         self.qkv = nn.Linear(cfg.dim, sum(self.split), bias=cfg.bias)  # one matmul for q, k and v
+        self.qkv.output_split = self.split  # three projections (Muon orthogonalises each alone)
         self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
         self.out.residual_projection = True  # scaled init (see Model.init_weights)
         self.q_norm = self.k_norm = None

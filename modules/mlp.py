@@ -44,6 +44,7 @@ class GatedMLP(LoggingModule):
     def __init__(self, cfg):
         super().__init__()
         self.up = nn.Linear(cfg.dim, 2 * cfg.mlp_hidden, bias=cfg.bias)
+        self.up.output_split = [cfg.mlp_hidden, cfg.mlp_hidden]  # gate and up: two projections
         self.down = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=cfg.bias)
         self.down.residual_projection = True
         self.act = ACTIVATIONS[cfg.activation]

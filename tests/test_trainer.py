@@ -16,19 +16,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT
 from safetensors import safe_open
 
 import tools
 from config import ConfigError, ModelConfig, TrainConfig
-from conftest import ROOT
 from modules.model import Model
 from toolkit import checkpoint, data, provenance, trainer
 from toolkit.checkpoint import save_model
 from toolkit.cli import SafeStream
 from toolkit.data import DataError
 from toolkit.hf import LoadError
+from toolkit.optim import make_optimizer
 from toolkit.tokenizer import TokenizerError, load_tokenizer
-from toolkit.trainer import TrainError, make_optimizer, train
+from toolkit.trainer import TrainError, train
 
 EXACT_COLUMNS = ["step", "tokens_seen", "lr", "train_loss", "val_loss", "val_bpb", "grad_norm"]
 
@@ -463,14 +464,18 @@ def torchrun(workspace, name, nproc, *extra):
     return log(checkpoint.TRAINED / name)
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_give_the_losses_of_one_with_the_same_global_batch_through_a_resume(workspace, sharding):
+@pytest.mark.parametrize(("sharding", "optimizer"), [("ddp", "adamw"), ("fsdp", "adamw"), ("fsdp", "muon")])
+def test_two_processes_give_the_losses_of_one_with_the_same_global_batch_through_a_resume(workspace, sharding,
+                                                                                          optimizer):
     from train import configs as parse
-    model_cfg, train_cfg, _, _ = parse([f"--data={workspace}", *DISTRIBUTED_SETTINGS, "--batch_size=8", "--name=one"])
+    model_cfg, train_cfg, _, _ = parse([f"--data={workspace}", *DISTRIBUTED_SETTINGS, "--batch_size=8", "--name=one",
+                                        f"--optimizer={optimizer}"])
     one = log(train(model_cfg, train_cfg, progress_bar=False))
     # Stopped at step 6, half way through the row of steps 5-8: the resumed run must log the mean loss of
-    # both processes' steps 5 and 6, not only rank 0's. A stop and a resume also gather and scatter FSDP's shards.
-    torchrun(workspace, "two", 2, "--batch_size=4", f"--fsdp={sharding == 'fsdp'}", "--stop_at=6")
+    # both processes' steps 5 and 6, not only rank 0's. A stop and a resume also gather and scatter FSDP's shards;
+    # Muon under FSDP orthogonalises each whole matrix, so its losses are the one-process run's too.
+    torchrun(workspace, "two", 2, "--batch_size=4", f"--fsdp={sharding == 'fsdp'}", "--stop_at=6",
+             f"--optimizer={optimizer}")
     two = torchrun(workspace, "two", 2, "--resume")
     assert np.allclose(one[EXACT_COLUMNS].to_numpy(float), two[EXACT_COLUMNS].to_numpy(float), atol=1e-5, equal_nan=True)
     assert two["step"].tolist() == [4, 8] and two["tokens_seen"].iloc[-1] == 8 * 8 * 32

@@ -31,12 +31,30 @@ from torch import nn
 from config import ModelConfig, TrainConfig, require
 from modules.model import Model
 from toolkit import checkpoint
-from toolkit.checkpoint import (MODEL_CONFIG, TRAIN_CONFIG, WEIGHTS, check_tokenizer, load_state_dict_file,
-                                read_json, read_model_config, save_configs,
-                                save_model, unwrap, write_atomically)
+from toolkit.checkpoint import (
+    MODEL_CONFIG,
+    TRAIN_CONFIG,
+    WEIGHTS,
+    check_tokenizer,
+    load_state_dict_file,
+    read_json,
+    read_model_config,
+    save_configs,
+    save_model,
+    unwrap,
+    write_atomically,
+)
 from toolkit.cli import safe
-from toolkit.data import Batches, TokenData, check_same_data, data_record, prepare_data, validation_batches
+from toolkit.data import (
+    Batches,
+    TokenData,
+    check_same_data,
+    data_record,
+    prepare_data,
+    validation_batches,
+)
 from toolkit.metrics import autocast, score, token_byte_lengths
+from toolkit.optim import make_optimizer, set_learning_rate
 from toolkit.provenance import DIFF_PATTERN, PROVENANCE, append_session, session_record
 from toolkit.schedule import learning_rate
 from toolkit.tokenizer import load_tokenizer
@@ -292,17 +310,6 @@ def load_data(cfg: TrainConfig, tokenizer, env: Distributed, progress_bar: bool)
     return TokenData(data_dir, "train"), TokenData(data_dir, "val")
 
 
-def make_optimizer(model: Model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: never on norms, biases or embeddings (a tied head
-    is the embedding)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-
-
 def wrap_model(model: Model, cfg: TrainConfig, env: Distributed, device: torch.device):
     """DDP or FSDP2 across processes, then torch.compile if asked."""
     if env.world_size > 1 and cfg.fsdp:
@@ -478,8 +485,7 @@ def train_step(model, optimizer, micro_batches, cfg: TrainConfig, env: Distribut
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     if hasattr(grad_norm, "full_tensor"):  # FSDP gives a DTensor
         grad_norm = grad_norm.full_tensor()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, lr)  # each parameter group at its own share of the schedule's rate
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / len(micro_batches), grad_norm
@@ -513,8 +519,11 @@ def mean_across_processes(value: float, env: Distributed) -> float:
 def full_state(model, optimizer, cfg: TrainConfig):
     """(model state, optimizer state) gathered in full on rank 0 (FSDP shards them across ranks)."""
     if cfg.fsdp and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
     return unwrap(model).state_dict(), optimizer.state_dict()
@@ -557,8 +566,11 @@ def load_training_state(run: Run):
     if run.model.cfg.tie_embeddings:
         weights["head.weight"] = weights["embed.weight"]
     if run.cfg.fsdp and env.world_size > 1:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
         set_model_state_dict(run.wrapped, weights, options=options)
         set_optimizer_state_dict(run.wrapped, run.optimizer, state["optimizer"], options=options)
