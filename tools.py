@@ -21,8 +21,11 @@ HF_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")  # hub 
 
 
 def trained_names() -> list[str]:
+    """Every model under trained/, nested ones such as an experiment's study/variant/seed0 included."""
     trained = checkpoint.TRAINED
-    return sorted(p.name for p in trained.iterdir() if is_checkpoint(p)) if trained.is_dir() else []
+    if not trained.is_dir():
+        return []
+    return sorted(p.parent.relative_to(trained).as_posix() for p in trained.rglob(checkpoint.MODEL_CONFIG))
 
 
 def load_model(name_or_path: str, device="cpu"):
@@ -34,10 +37,12 @@ def load_model(name_or_path: str, device="cpu"):
         model, train_config = load_checkpoint(path, device)
         spec = train_config.get("tokenizer")
         return model, (load_tokenizer(spec) if spec else None)
-    if not path.is_dir() and "/" not in name_or_path and name_or_path not in HF_GPT2:
+    in_trained = (checkpoint.TRAINED / name_or_path.split("/")[0]).is_dir()  # an experiment's nested name
+    if not path.is_dir() and ("/" not in name_or_path or in_trained) and name_or_path not in HF_GPT2:
         known = trained_names()
+        shown = ", ".join(known[:12]) + (f" and {len(known) - 12} more" if len(known) > 12 else "")
         raise LoadError(f"no model {name_or_path!r}{closest(name_or_path, known)}: trained/ has "
-                        f"{', '.join(known) or 'nothing yet'}; Hugging Face ids look like owner/name or {HF_GPT2[0]}")
+                        f"{shown or 'nothing yet'}; Hugging Face ids look like owner/name or {HF_GPT2[0]}")
     model = load_hf_model(name_or_path, device)
     try:  # a checkpoint may come without tokenizer files
         tokenizer = load_tokenizer(name_or_path if name_or_path in HF_GPT2 else f"hf:{name_or_path}")

@@ -62,7 +62,7 @@ def log(out):
 def test_a_run_writes_its_outputs_and_learns(workspace):
     out = run(workspace, max_steps=40)
     assert sorted(p.name for p in out.iterdir()) == ["log_data.csv", "model.safetensors", "model_config.json",
-                                                      "train_config.json", "training_state.pt"]
+                                                      "stability.csv", "train_config.json", "training_state.pt"]
     rows = log(out)
     assert list(rows.columns) == trainer.LOG_COLUMNS
     assert rows["step"].tolist() == sorted(set(range(2, 41, 2)) | set(range(5, 41, 5)))
@@ -259,7 +259,8 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(workspa
     assert np.allclose(one[EXACT_COLUMNS].to_numpy(float), two[EXACT_COLUMNS].to_numpy(float), atol=1e-5, equal_nan=True)
     assert two["tokens_seen"].iloc[-1] == 6 * 8 * 32
     assert sorted(p.name for p in (tmp_path / "trained" / "two").iterdir()) == [
-        "command.txt", "log_data.csv", "model.safetensors", "model_config.json", "train_config.json", "training_state.pt"]
+        "command.txt", "log_data.csv", "model.safetensors", "model_config.json", "stability.csv", "train_config.json",
+        "training_state.pt"]
 
 
 def test_real_text_tiny_shakespeare_learns(shared_data, tmp_path, monkeypatch):

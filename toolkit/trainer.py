@@ -27,6 +27,7 @@ from toolkit.checkpoint import (MODEL_CONFIG, TRAIN_CONFIG, WEIGHTS, load_state_
 from toolkit.data import Batches, TokenData, prepare_data, validation_batches
 from toolkit.metrics import autocast, score, token_byte_lengths
 from toolkit.schedule import learning_rate
+from toolkit.stability import StabilityLog
 from toolkit.tokenizer import load_tokenizer
 
 STATE = "training_state.pt"
@@ -37,6 +38,10 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
 
 class TrainError(RuntimeError):
     """A run that cannot start or go on; the message is one line that says what to do."""
+
+
+class DivergedError(TrainError):
+    """The loss became NaN or infinite: the run stopped (an experiment records it as diverged)."""
 
 
 @dataclass
@@ -254,11 +259,15 @@ class StopRequest:
 
     def agreed(self, env: Distributed) -> bool:
         """Whether any process was asked to stop (every process must stop at the same step)."""
-        if env.world_size == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_process(self.requested, env)
+
+
+def any_process(flag: bool, env: Distributed) -> bool:
+    if env.world_size == 1:
+        return flag
+    tensor = torch.tensor([float(flag)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 # --- the steps of the loop ---
@@ -351,6 +360,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=False, overwrite=Fals
     if env.is_main and not resume:
         save_configs(out, model_cfg, cfg.to_dict())  # the weights follow at the first save
     log = RunLog(out, progress.step if resume else None, cfg.tensorboard, env.is_main)
+    stability = StabilityLog(out, model, optimizer, progress.step if resume else None, env.is_main)
+    time_limit = cfg.max_minutes * 60 if cfg.max_minutes is not None else math.inf
 
     tokens_per_step = batches.global_batch * seq_len
     flops_per_step = model.flops_per_token(seq_len) * tokens_per_step
@@ -364,36 +375,41 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=False, overwrite=Fals
     session_start, previous_elapsed = time.perf_counter(), progress.elapsed_s
     interval_start, interval_steps = session_start, 0
     with StopRequest() as stop:
-        while progress.step < end:
+        while progress.step < end and progress.elapsed_s < time_limit:
             lr = learning_rate(progress.step, cfg)
+            stability.arm(logs_at(progress.step + 1, cfg))
             wrapped, loss, grad_norm = run_step(wrapped, model, optimizer, batches.next(), cfg, env, device, lr)
             loss_sum += loss.double()
             progress.step += 1
             progress.interval_steps += 1
             progress.tokens_seen += tokens_per_step
             interval_steps += 1
-            stopping = stop.agreed(env) or progress.step == end  # this session ends here
+            over_time = previous_elapsed + time.perf_counter() - session_start >= time_limit
+            out_of_time = time_limit < math.inf and any_process(over_time, env)  # max_minutes: evaluate, save, end
+            stopping = stop.agreed(env) or out_of_time or progress.step == end  # this session ends here
             # A session that stops mid-interval writes no row: the resumed run completes it, so the
             # log reads exactly as an uninterrupted run's.
-            evaluate_now = progress.step % cfg.eval_every == 0 or progress.step == cfg.max_steps
-            log_now = progress.step % cfg.log_every == 0 or evaluate_now
+            evaluate_now = progress.step % cfg.eval_every == 0 or progress.step == cfg.max_steps or out_of_time
+            log_now = logs_at(progress.step, cfg) or evaluate_now
             save_now = progress.step % cfg.save_every == 0 or stopping
             if log_now or save_now:
                 now = time.perf_counter()
                 progress.elapsed_s = previous_elapsed + now - session_start
                 train_loss = mean_across_processes(loss_sum.item() / progress.interval_steps, env)
                 if not math.isfinite(train_loss):
-                    raise TrainError(f"the loss became {train_loss} by step {progress.step}: stopped, keeping the last "
-                                     f"good checkpoint in {out}; lower --lr or raise --warmup_steps, then --resume")
+                    raise DivergedError(f"the loss became {train_loss} by step {progress.step}: stopped, keeping the "
+                                        f"last good checkpoint in {out}; lower --lr or raise --warmup_steps, then --resume")
             if log_now:
                 seconds = now - interval_start
                 row = {"step": progress.step, "tokens_seen": progress.tokens_seen,
                        "elapsed_s": round(progress.elapsed_s, 3), "lr": lr, "train_loss": train_loss,
                        "grad_norm": float(grad_norm), "tokens_per_s": round(interval_steps * tokens_per_step / seconds, 1)}
                 if evaluate_now:  # every process scores the whole set, so sharded models run the same collectives
-                    scores = score(wrapped, val_set, byte_lengths, device)
+                    with stability.measuring_logits():
+                        scores = score(wrapped, val_set, byte_lengths, device)
                     row["val_loss"], row["val_bpb"] = scores.loss, scores.bits_per_byte
                 log.write(row)
+                stability.write(progress.step, row["grad_norm"])
                 if bar is not None:
                     postfix = {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
                     if evaluate_now:
@@ -417,6 +433,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=False, overwrite=Fals
     if env.world_size > 1:
         dist.destroy_process_group()
     return out
+
+
+def logs_at(step: int, cfg: TrainConfig) -> bool:
+    """Whether `step` writes a row to the logs (evaluation steps always do)."""
+    return step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps
 
 
 def run_step(wrapped, model, optimizer, micro_batches, cfg, env, device, lr):
