@@ -199,6 +199,8 @@ def test_a_finished_experiment_is_not_run_again_and_a_changed_plan_is_refused(st
     before = (checkpoint.TRAINED / "study/baseline/seed0/log_data.csv").stat().st_mtime_ns
     run_experiment(experiment, progress_bar=False, echo=lambda line: None)
     assert (checkpoint.TRAINED / "study/baseline/seed0/log_data.csv").stat().st_mtime_ns == before
+    saved = Experiment.from_file(experiment.folder / "experiment.json")  # the plan kept beside the runs
+    assert saved == experiment and [r.train for r in saved.runs()] == [r.train for r in experiment.runs()]
     changed = Experiment.from_dict(plan(texts, seeds=3, variants={"baseline": {}, "same": {"warmup_steps": 5}}))
     with pytest.raises(ExperimentError, match=r"trained/study/same/seed0 was trained with warmup_steps=3, the plan now "
                                               r"says 5: delete that folder or give the experiment another name"):

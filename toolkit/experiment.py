@@ -226,6 +226,9 @@ class Experiment:
         for key in ("name", "base", "budget", "variants"):
             if key not in values:
                 raise ExperimentError(f"{where} has no {key!r}: see experiments/ for examples")
+        for key in ("train", "model", "slurm"):
+            if not isinstance(values.get(key, {}), dict):
+                raise ExperimentError(f"{where}: {key} must be a table ([{key}] with field = value lines)")
         if not isinstance(values["variants"], dict) or not all(isinstance(v, dict) for v in values["variants"].values()):
             raise ExperimentError(f"{where}: variants must be a table of tables, e.g. layernorm = {{ norm = \"layernorm\" }}")
         seeds = values.get("seeds", [0, 1, 2])
