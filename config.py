@@ -188,7 +188,7 @@ PRESETS = {
 class TrainConfig(Settings):
     """How to train: data, tokenizer, optimisation, evaluation and logging. `python train.py` uses
     these defaults; override any of them with --field=value."""
-    name: str = "Llama3_1m"  # the run's folder: trained/NAME (with --preset and no --name: the preset's name)
+    name: str = "Llama3_1m"  # the run's folder: trained/NAME (nested names such as study/variant/seed0 too; with --preset and no --name: the preset's name)
     data: str = "tinystories-sample"  # shipped text (tinystories-sample, shakespeare), hub (tinystories, fineweb-edu, hf:ID), files/globs
     text_format: str = "auto"  # .txt layout: auto | documents (<|endoftext|> lines) | lines | whole
     max_docs: int | None = None  # read at most this many documents (hub datasets are large)
@@ -220,11 +220,13 @@ class TrainConfig(Settings):
     save_every: int = 500  # steps between checkpoints (and at the end)
     tensorboard: bool = False  # also write TensorBoard logs to trained/NAME/tensorboard
     fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
+    max_minutes: float | None = None  # also stop (evaluate, save) after this many minutes of training
 
     def __post_init__(self):
         self.check_types()
-        require(self.name and "/" not in self.name and self.name not in (".", ".."), "name", self.name,
-                "must be a plain folder name")
+        parts = self.name.split("/")
+        require(all(part not in ("", ".", "..") for part in parts) and "\\" not in self.name, "name", self.name,
+                "must be a folder name under trained/, or nested ones such as study/variant/seed0 (no empty, . or .. parts)")
         one_of("text_format", self.text_format, ("auto", "documents", "lines", "whole"))
         one_of("schedule", self.schedule, ("cosine", "wsd", "constant"))
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every", "save_every"):
@@ -250,6 +252,8 @@ class TrainConfig(Settings):
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be zero or positive")
         require(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
         require(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        if self.max_minutes is not None:
+            require(self.max_minutes > 0, "max_minutes", self.max_minutes, "must be None or positive")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be zero (off) or positive")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device", self.device,
                 "choose auto, cpu, cuda, cuda:N or mps")

@@ -6,13 +6,25 @@ from pathlib import Path
 
 from config import closest
 from toolkit import checkpoint
-from toolkit.checkpoint import TRAIN_CONFIG, checkpoint_tokenizer, is_checkpoint, load_checkpoint, save_model
+from toolkit.checkpoint import (
+    TRAIN_CONFIG,
+    checkpoint_tokenizer,
+    is_checkpoint,
+    load_checkpoint,
+    save_model,
+)
 from toolkit.data import DataError, prepare_data, read_documents
 from toolkit.generate import GenerationError, GenerationSettings, generate
 from toolkit.hf import LoadError, export_hf, hf_directory, load_hf_model
 from toolkit.metrics import score, text_batches
-from toolkit.tokenizer import (TOKENIZER_FILES, Tokenizer, TokenizerError, available_tokenizers, has_tokenizer_files,
-                               load_tokenizer)
+from toolkit.tokenizer import (
+    TOKENIZER_FILES,
+    Tokenizer,
+    TokenizerError,
+    available_tokenizers,
+    has_tokenizer_files,
+    load_tokenizer,
+)
 
 __all__ = ["load_model", "save_model", "export_hf", "trained_names", "load_tokenizer", "available_tokenizers",
            "Tokenizer", "read_documents", "prepare_data", "generate", "GenerationSettings", "score", "text_batches",
@@ -22,8 +34,11 @@ HF_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")  # hub 
 
 
 def trained_names() -> list[str]:
+    """Every model under trained/, nested ones such as an experiment's study/variant/seed0 included."""
     trained = checkpoint.TRAINED
-    return sorted(p.name for p in trained.iterdir() if is_checkpoint(p)) if trained.is_dir() else []
+    if not trained.is_dir():
+        return []
+    return sorted(p.parent.relative_to(trained).as_posix() for p in trained.rglob(checkpoint.MODEL_CONFIG))
 
 
 def model_path(name_or_path: str) -> Path:
@@ -41,10 +56,12 @@ def load_model(name_or_path: str, device="cpu"):
     if is_checkpoint(path):
         model, train_config = load_checkpoint(path, device)
         return model, checkpoint_tokenizer(path, train_config)
-    if not path.is_dir() and "/" not in name_or_path and name_or_path not in HF_GPT2:
+    in_trained = (checkpoint.TRAINED / name_or_path.split("/")[0]).is_dir()  # an experiment's nested name
+    if not path.is_dir() and ("/" not in name_or_path or in_trained) and name_or_path not in HF_GPT2:
         known = trained_names()
+        shown = ", ".join(known[:12]) + (f" and {len(known) - 12} more" if len(known) > 12 else "")
         raise LoadError(f"no model {name_or_path!r}{closest(name_or_path, known)}: trained/ has "
-                        f"{', '.join(known) or 'nothing yet'}; Hugging Face ids look like owner/name or {HF_GPT2[0]}")
+                        f"{shown or 'nothing yet'}; Hugging Face ids look like owner/name or {HF_GPT2[0]}")
     directory = hf_directory(name_or_path)
     model = load_hf_model(str(directory), device)
     if not has_tokenizer_files(directory):

@@ -73,7 +73,7 @@ def log(out):
 def test_a_run_writes_its_outputs_and_learns(workspace):
     out = run(workspace, max_steps=40)
     assert sorted(p.name for p in out.iterdir()) == ["log_data.csv", "model.safetensors", "model_config.json",
-                                                      "provenance.json", "train_config.json", "training_state.pt"]
+                                                      "provenance.json", "stability.csv", "train_config.json", "training_state.pt"]
     rows = log(out)
     assert list(rows.columns) == trainer.LOG_COLUMNS
     assert rows["step"].tolist() == sorted(set(range(2, 41, 2)) | set(range(5, 41, 5)))
@@ -481,7 +481,8 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch_through
     assert two["step"].tolist() == [4, 8] and two["tokens_seen"].iloc[-1] == 8 * 8 * 32
     written = (checkpoint.TRAINED / "two").iterdir()  # (and the diff of this checkout, when it has changes)
     assert sorted(p.name for p in written if not p.match(provenance.DIFF_PATTERN)) == [
-        "command.txt", "log_data.csv", "model.safetensors", "model_config.json", "provenance.json", "train_config.json",
+        "command.txt", "log_data.csv", "model.safetensors", "model_config.json", "provenance.json", "stability.csv",
+        "train_config.json",
         "training_state.pt"]
 
 

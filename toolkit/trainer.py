@@ -57,6 +57,7 @@ from toolkit.metrics import autocast, score, token_byte_lengths
 from toolkit.optim import make_optimizer, set_learning_rate
 from toolkit.provenance import DIFF_PATTERN, PROVENANCE, append_session, session_record
 from toolkit.schedule import learning_rate
+from toolkit.stability import StabilityLog
 from toolkit.tokenizer import load_tokenizer
 
 STATE = "training_state.pt"
@@ -71,6 +72,10 @@ STOP_SIGNALS = {signal.SIGINT: "Ctrl+C (SIGINT)", signal.SIGTERM: "SIGTERM", sig
 
 class TrainError(RuntimeError):
     """A run that cannot start or go on; the message is one line that says what to do."""
+
+
+class DivergedError(TrainError):
+    """The loss became NaN or infinite: the run stopped (an experiment records it as diverged)."""
 
 
 class Interrupted(Exception):
@@ -129,6 +134,7 @@ class Run:
     record: dict | None = None  # this session's provenance (rank 0), written with its first checkpoint
     checkpoint_step: int | None = None  # the step of the newest checkpoint on disk
     saved: bool = False  # whether this session has saved a checkpoint
+    stability: StabilityLog | None = None  # stability.csv, made when the loop starts
 
     @property
     def tokens_per_step(self) -> int:
@@ -210,18 +216,24 @@ def build_run(model_cfg, cfg, env, out, resume, stop_at, command, progress_bar) 
 def loop(run: Run, stop: "StopRequest", progress_bar: bool):
     """Step until run.end or a signal; log, evaluate and save on schedule."""
     log = RunLog(run.out, run.checkpoint_step, run.cfg.tensorboard, run.env.is_main)
+    run.stability = StabilityLog(run.out, run.model, run.optimizer, run.checkpoint_step, run.env.is_main)
     bar = make_bar(run) if progress_bar and run.env.is_main else None
     meter = Meter(run.progress, run.device)
+    time_limit = run.cfg.max_minutes * 60 if run.cfg.max_minutes is not None else math.inf
     stop.phase = "training"
     try:
-        while run.progress.step < run.end:
+        while run.progress.step < run.end and run.progress.elapsed_s < time_limit:
             lr = learning_rate(run.progress.step, run.cfg)
+            run.stability.arm(logs_at(run.progress.step + 1, run.cfg))
             run.wrapped, loss, grad_norm = run_step(run, lr)
             meter.add(loss, run.tokens_per_step)
             signum = stop.agreed(run.env)
+            # max_minutes counts training time only: the time since the last lap is training
+            out_of_time = time_limit < math.inf and any_process(meter.training_seconds() >= time_limit, run.env)
             # A session that stops mid-interval writes no row: the resumed run completes it, so the
             # log reads exactly as an uninterrupted run's.
-            at_boundary(run, meter, log, bar, stop, lr, grad_norm, stopping=bool(signum) or run.progress.step == run.end)
+            at_boundary(run, meter, log, bar, stop, lr, grad_norm, out_of_time,
+                        stopping=bool(signum) or out_of_time or run.progress.step == run.end)
             if bar is not None:
                 bar.update(1)
             if signum:
@@ -378,6 +390,10 @@ class Meter:
         loss_sum, grad_norm = torch.stack([self.loss_sum, grad_norm.double()]).tolist()
         return loss_sum, grad_norm
 
+    def training_seconds(self) -> float:
+        """Training time so far: the total at the last lap and the time since (which is training)."""
+        return self.progress.elapsed_s + time.perf_counter() - self.clock
+
     def lap(self, total: str) -> float:
         """Seconds since the last lap, added to progress.<total> (elapsed_s, eval_elapsed_s, save_elapsed_s)."""
         now = time.perf_counter()
@@ -393,11 +409,17 @@ class Meter:
         self.row_seconds, self.row_steps = 0.0, 0
 
 
-def at_boundary(run: Run, meter: Meter, log, bar, stop, lr: float, grad_norm, stopping: bool):
-    """Log (with validation) and save when the schedule says so, or when this session ends."""
+def logs_at(step: int, cfg: TrainConfig) -> bool:
+    """Whether `step` writes a row to the logs (evaluation steps always do)."""
+    return step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps
+
+
+def at_boundary(run: Run, meter: Meter, log, bar, stop, lr: float, grad_norm, out_of_time: bool, stopping: bool):
+    """Log (with validation) and save when the schedule says so, or when this session ends (a run out
+    of its max_minutes is evaluated too)."""
     cfg, step = run.cfg, run.progress.step
-    evaluate_now = step % cfg.eval_every == 0 or step == cfg.max_steps
-    log_now = step % cfg.log_every == 0 or evaluate_now
+    evaluate_now = step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time
+    log_now = logs_at(step, cfg) or evaluate_now
     save_now = step % cfg.save_every == 0 or stopping
     if not (log_now or save_now):
         return
@@ -412,6 +434,7 @@ def at_boundary(run: Run, meter: Meter, log, bar, stop, lr: float, grad_norm, st
         row["eval_elapsed_s"] = round(run.progress.eval_elapsed_s, 3)
         row["save_elapsed_s"] = round(run.progress.save_elapsed_s, 3)
         log.write(row)
+        run.stability.write(step, grad_norm)
         show(bar, row, run, meter.row_seconds, meter.row_steps)
         meter.new_row()
     if save_now:
@@ -429,16 +452,16 @@ def checked_loss(run: Run, meter: Meter, grad_norm) -> tuple[float, float]:
     what, value = ("loss", train_loss) if not math.isfinite(train_loss) else ("gradient norm", grad_norm)
     advice = "lower --lr or raise --warmup_steps"
     if run.checkpoint_step is None:
-        raise TrainError(f"the {what} became {value} by step {run.progress.step}, before the first checkpoint: "
+        raise DivergedError(f"the {what} became {value} by step {run.progress.step}, before the first checkpoint: "
                          f"nothing was saved; {advice} and train again")
-    raise TrainError(f"the {what} became {value} by step {run.progress.step}: stopped, keeping the last good "
+    raise DivergedError(f"the {what} became {value} by step {run.progress.step}: stopped, keeping the last good "
                      f"checkpoint (step {run.checkpoint_step}) in {shown(run.out)}; {advice}, then --resume")
 
 
 def evaluate(run: Run, meter: Meter, bar) -> tuple[float, float]:
     """Validation loss and bits per byte. Every process scores the whole set, so sharded models run the
     same collectives."""
-    with bar_note(bar, "evaluating"):
+    with bar_note(bar, "evaluating"), run.stability.measuring_logits():
         scores = score(run.wrapped, run.val_set, run.byte_lengths, run.device)
     meter.lap("eval_elapsed_s")
     return scores.loss, scores.bits_per_byte
@@ -711,11 +734,20 @@ class StopRequest:
 
     def agreed(self, env: Distributed) -> int:
         """The signal any process received (0 for none): every process must stop at the same step."""
-        if env.world_size == 1:
-            return self.signum
-        signum = torch.tensor([float(self.signum)])
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-        return int(signum.item())
+        return int(largest_across_processes(self.signum, env))
+
+
+def largest_across_processes(value: float, env: Distributed) -> float:
+    if env.world_size == 1:
+        return value
+    tensor = torch.tensor([float(value)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def any_process(flag: bool, env: Distributed) -> bool:
+    """Whether `flag` holds on any process (so that all of them act on it at the same step)."""
+    return bool(largest_across_processes(flag, env))
 
 
 def command_line() -> str:

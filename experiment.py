@@ -1,0 +1,120 @@
+"""Run an ablation: variants x seeds under an equal budget, then a verdict with error bars and p-values.
+
+    python experiment.py experiments/quick.toml                # run what has not ended, then write the report
+    python experiment.py experiments/norms.toml --dry_run      # the runs, their size, FLOPs per token and budget
+    python experiment.py experiments/norms.toml --report       # only the report, from the runs on disk
+    python experiment.py experiments/norms.toml --parallel=4   # 4 runs at a time (a GPU each, or a share of the CPU)
+    python experiment.py experiments/norms.toml --executor=slurm   # a Slurm job per run, through submitit
+    python experiment.py --base=llama3-1m --vary norm=rmsnorm,layernorm,cosinenorm --seeds=3 --budget=steps:400
+
+Runs go to trained/NAME/[SIZE/]VARIANT/[lrRATE/]seedK/ (ordinary trained models: inference.py and
+model_comparison.py take these names); the verdict to trained/NAME/report.md, report.csv and PNG plots.
+Rerunning the same command skips the runs that ended and resumes interrupted ones.
+
+Options (they override the file's keys): --name, --base, --seeds=3 (or 0,1,2), --budget=KIND:AMOUNT
+(steps, tokens, flops, minutes), --eval_data, --lr_grid=5e-4,1e-3,2e-3, --sizes="dim=64;dim=128",
+--threads, --vary FIELD=V1,V2,... (variants without a file; the first is the baseline); how to run:
+--parallel=N, --executor=slurm|local (submitit; local tries the same path on this machine). Any
+ModelConfig or TrainConfig field applies to every run: --train.batch_size=16, --model.dim=64, --lr=2e-3.
+"""
+import sys
+
+import pandas as pd
+
+from config import ConfigError
+from toolkit.cli import parse_value, route_overrides, split_arguments
+from toolkit.data import DataError
+from toolkit.experiment import (MODEL_FIELDS, TRAIN_FIELDS, Experiment, ExperimentError, Interrupted, field_of,
+                                read_plan, run_experiment)
+from toolkit.hf import LoadError
+from toolkit.report import plan_table, write_report
+from toolkit.tokenizer import TokenizerError
+from toolkit.trainer import TrainError, command_line
+
+FLAGS = ("report", "dry_run", "help")
+PLAN_OPTIONS = ("name", "base", "vary", "seeds", "budget", "eval_data", "lr_grid", "sizes", "threads")
+RUN_OPTIONS = ("parallel", "executor")
+EXECUTORS = ("slurm", "local")
+
+
+def variants_from(text: str) -> dict:
+    """{"rmsnorm": {"norm": "rmsnorm"}, ...} from --vary norm=rmsnorm,layernorm: one variant per value."""
+    key, has_values, values = text.partition("=")
+    if not has_values or not values:
+        raise ExperimentError(f"--vary={text!r} is not valid: write FIELD=V1,V2,..., e.g. --vary norm=rmsnorm,layernorm")
+    field = field_of(key, "--vary")
+    return {value: {key: parse_value(field, value)} for value in values.split(",")}
+
+
+def numbers(text: str, kind, option: str) -> list:
+    try:
+        return [kind(part) for part in text.split(",")]
+    except ValueError:
+        raise ExperimentError(f"--{option}={text!r} is not valid: expected {kind.__name__}s separated by commas") from None
+
+
+def plan_values(options: dict, values: dict) -> dict:
+    """The experiment's settings with the command line's options applied on top."""
+    if "vary" in options:
+        if "variants" in values:
+            raise ExperimentError("--vary builds the variants when there is no file: edit the file's [variants] instead")
+        values["variants"] = variants_from(options["vary"])
+        values.setdefault("name", f"{options.get('base', values.get('base', 'experiment'))}-{options['vary'].partition('=')[0]}")
+    if "seeds" in options:
+        seeds = numbers(options["seeds"], int, "seeds")
+        values["seeds"] = seeds[0] if len(seeds) == 1 else seeds
+    if "lr_grid" in options:
+        values["lr_grid"] = numbers(options["lr_grid"], float, "lr_grid")
+    if "threads" in options:
+        values["threads"] = numbers(options["threads"], int, "threads")[0]
+    if "sizes" in options:
+        values["sizes"] = options["sizes"].split(";")
+    values.update({k: options[k] for k in ("name", "base", "budget", "eval_data") if k in options})
+    return values
+
+
+def parse(argv: list[str]) -> tuple[Experiment, set, dict]:
+    """(the experiment, flags, run options) from the command line."""
+    file = argv[0] if argv and not argv[0].startswith("--") else None
+    texts, flags = split_arguments(argv[1:] if file else argv, FLAGS)
+    model, train, options = route_overrides(texts, PLAN_OPTIONS + RUN_OPTIONS)
+    if file is None and not {"base", "vary", "budget"} <= set(options):
+        raise ExperimentError("give an experiment file (see experiments/), or --base, --vary and --budget")
+    values = plan_values(options, read_plan(file) if file else {})
+    values["model"] = {**values.get("model", {}), **model}
+    values["train"] = {**values.get("train", {}), **train}
+    run_options = {"parallel": numbers(options.get("parallel", "1"), int, "parallel")[0],
+                   "executor": options.get("executor")}
+    if run_options["parallel"] < 1:
+        raise ExperimentError("--parallel must be at least 1")
+    if run_options["executor"] not in (None, *EXECUTORS):
+        raise ExperimentError(f"--executor={run_options['executor']!r} is not valid; choose one of: {', '.join(EXECUTORS)}")
+    return Experiment.from_dict(values, file or "the command line"), flags, run_options
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(__doc__)
+        print(f"fields: {', '.join(MODEL_FIELDS)}; {', '.join(TRAIN_FIELDS)}")
+        return
+    try:
+        experiment, flags, options = parse(argv)
+        if "dry_run" in flags:
+            print(plan_table(experiment))
+            return
+        if "report" not in flags:
+            run_experiment(experiment, options["parallel"], options["executor"], command=command_line())
+        files = write_report(experiment)
+    except Interrupted as e:
+        sys.exit(f"stopped: {e}")
+    except (ExperimentError, ConfigError, DataError, LoadError, TokenizerError, TrainError) as e:
+        sys.exit(f"error: {e}")
+    columns = ["size", "variant", "bpb_mean", "bpb_std", "diff_mean", "p_holm", "call"]
+    table = pd.read_csv(files[1])[columns[0 if experiment.sizes else 1:]]  # report.csv
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
+    print(f"wrote {files[0]} (and {', '.join(f.name for f in files[1:])})")
+
+
+if __name__ == "__main__":
+    main()

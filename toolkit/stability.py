@@ -1,0 +1,97 @@
+"""Stability figures of a run, written to trained/NAME/stability.csv at the log steps: the gradient
+norm of each part of the model (embeddings, each layer, the final norm, the head) and, at evaluation
+steps, the RMS of the output logits over the validation set.
+
+Cheap by construction: gradient norms are measured only on steps that are logged (an optimizer
+pre-step hook, armed before those steps), logits only while the validation set is scored.
+Loss spikes need nothing here: the report finds them in log_data.csv's train loss.
+"""
+import csv
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from toolkit.checkpoint import unwrap
+
+STABILITY = "stability.csv"
+
+
+def part_of(parameter_name: str) -> str:
+    """The model part a parameter belongs to: "layers.3" for "layers.3.mlp.up.weight", else its first name."""
+    parts = parameter_name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+
+
+def tensor_norm(tensor: torch.Tensor) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(tensor.float())
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded gradient's norm
+
+
+class StabilityLog:
+    """Measures on every process (sharded models need every process for a norm), writes on the main one.
+    On resume, rows after the checkpoint's step are dropped, as log_data.csv's are."""
+
+    def __init__(self, out: Path, model, optimizer, resume_step: int | None, enabled: bool):
+        self.model, self.enabled, self.path = unwrap(model), enabled, out / STABILITY
+        self.parts: dict[str, list[torch.nn.Parameter]] = {}
+        for name, parameter in self.model.named_parameters():
+            self.parts.setdefault(part_of(name), []).append(parameter)
+        self.columns = ["step", "logits_rms"] + [f"grad_norm.{part}" for part in self.parts]
+        self.armed, self.grad_norms, self.logits_rms = False, None, None
+        optimizer.register_step_pre_hook(self.measure_gradients)
+        if enabled:
+            self.start(resume_step)
+
+    def start(self, resume_step: int | None):
+        rows = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def arm(self, will_log: bool):
+        """Measure gradients in the coming step (only steps that write a row need them)."""
+        self.armed = will_log
+
+    def measure_gradients(self, optimizer, args, kwargs):
+        if not self.armed:
+            return
+        self.grad_norms = {}
+        for part, parameters in self.parts.items():
+            norms = [tensor_norm(p.grad) for p in parameters if p.grad is not None]
+            self.grad_norms[part] = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+    @contextmanager
+    def measuring_logits(self):
+        """Sum the squares of every logit the head produces inside this block (the validation set)."""
+        totals = {"count": 0, "norms": []}
+
+        def hook(module, inputs, output):  # norms stay on the device until the block ends: no waiting
+            totals["norms"].append(torch.linalg.vector_norm(output.detach()))
+            totals["count"] += output.numel()
+
+        handle = self.model.head.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        squares = sum(float(n) ** 2 for n in totals["norms"])
+        self.logits_rms = (squares / totals["count"]) ** 0.5 if totals["count"] else None
+
+    def write(self, step: int, grad_norm: float):
+        """One row. Gradients are measured after clipping; scaled by the unclipped total `grad_norm`
+        over the clipped total, each part's norm is its norm before clipping."""
+        row = {"step": step, "logits_rms": self.logits_rms}
+        if self.grad_norms is not None:
+            norms = {part: float(n) for part, n in self.grad_norms.items() if n is not None}
+            clipped_total = sum(n * n for n in norms.values()) ** 0.5
+            scale = grad_norm / clipped_total if clipped_total > 0 else 1.0
+            row.update({f"grad_norm.{part}": n * scale for part, n in norms.items()})
+        self.armed, self.grad_norms, self.logits_rms = False, None, None
+        if self.enabled:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
