@@ -1,6 +1,7 @@
 """Put models side by side, fairly across tokenizers.
 
-    python model_comparison.py GPT2_1m_atto Llama3_1m_atto --data=../shared/data/tinystories/tinystories_extra_2.txt --out=comparison
+    python model_comparison.py GPT2_1m_atto Llama3_1m_atto --out=comparison   # on the shipped held-out stories
+    python model_comparison.py GPT2_1m_atto Llama3_1m_atto --data=my_text.txt
 
 For each model (a trained/ name or folder, or a Hugging Face GPT-2/Llama id): its size, tokenizer,
 what its training log says (tokens seen, time, final losses), and, measured now on the same raw
@@ -294,7 +295,9 @@ def write_report(table: pd.DataFrame, generations: dict, out: Path, source: str,
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="trained/ names or folders, or Hugging Face GPT-2/Llama ids")
-    parser.add_argument("--data", required=True, help="the held-out text: a txt/jsonl/parquet file (or folder, glob)")
+    parser.add_argument("--data", default="tinystories-heldout",
+                        help="the held-out text: a shipped name (tinystories-heldout: 650 stories no shipped model or "
+                             "tokenizer saw) or a txt/jsonl/parquet file (or folder, glob)")
     parser.add_argument("--out", default="comparison", help="folder for the table, plots and samples")
     parser.add_argument("--prompts", nargs="*", default=PROMPTS)
     parser.add_argument("--max_len", type=int, default=60, help="new tokens per sample")

@@ -2,7 +2,7 @@
 
     python train.py                                   # what config.py says (Llama-style 1M on TinyStories)
     python train.py --preset=gpt2-1m --name=GPT2_1m --n_layers=8 --lr=3e-4 --device=cpu
-    python train.py --data=../shared/data/tinyshakespeare/input.txt --tokenizer=bytes --name=shakespeare
+    python train.py --data=shakespeare --tokenizer=bytes --name=shakespeare
     python train.py --name=GPT2_1m --resume           # continue a run (train settings may be overridden)
     torchrun --nproc_per_node=4 train.py ...          # DDP on 4 GPUs (add --fsdp=true to shard the model)
 
