@@ -1,18 +1,23 @@
 """Config validation (one line naming the field and what is allowed), presets, JSON round trips."""
 import pytest
 
-from config import PRESETS, ConfigError, ModelConfig
+from config import FORMAT_VERSION, PRESETS, REGISTRIES, ConfigError, ModelConfig
+
+
+def allowed(field):
+    """The message's list of choices: every key of the field's registry, whatever it holds today."""
+    return ", ".join(sorted(REGISTRIES[field]))
 
 
 @pytest.mark.parametrize("overrides, field, allowed", [
     ({"dim": 128, "n_heads": 5}, "n_heads", "1, 2, 4, 8, 16, 32, 64, 128"),
     ({"n_heads": 4, "n_kv_heads": 3}, "n_kv_heads", "1, 2, 4"),
-    ({"norm": "batchnorm"}, "norm", "cosinenorm, layernorm, rmsnorm"),
-    ({"activation": "swish"}, "activation", "gelu, gelu_tanh, relu, relu2, silu"),
-    ({"mlp": "moe"}, "mlp", "gated, plain"),
-    ({"positions": "alibi"}, "positions", "learned, none, rope"),
-    ({"norm_placement": "middle"}, "norm_placement", "post, pre, sandwich"),
-    ({"attention": "linear"}, "attention", "causal"),
+    ({"norm": "batchnorm"}, "norm", allowed("norm")),
+    ({"activation": "swish"}, "activation", allowed("activation")),
+    ({"mlp": "moe"}, "mlp", allowed("mlp")),
+    ({"positions": "sinusoidal"}, "positions", allowed("positions")),
+    ({"norm_placement": "middle"}, "norm_placement", allowed("norm_placement")),
+    ({"attention": "linear"}, "attention", allowed("attention")),
     ({"resid_dropout": 1.5}, "resid_dropout", "[0, 1)"),
     ({"dim": 0}, "dim", "positive"),
     ({"sliding_window": 0}, "sliding_window", "positive"),
@@ -44,7 +49,8 @@ def test_presets_round_trip_through_json(name):
 def test_derived_fields():
     cfg = ModelConfig(dim=96, n_heads=6, n_kv_heads=None)
     assert (cfg.head_dim, cfg.n_kv_heads) == (16, 6)
-    assert ModelConfig(rope_theta=10000).rope_theta == 10000.0 and isinstance(ModelConfig(rope_theta=10000).rope_theta, float)
+    theta = ModelConfig(rope_theta=10000).rope_theta
+    assert theta == 10000.0 and isinstance(theta, float)
 
 
 def test_presets_are_the_two_families():
@@ -54,3 +60,17 @@ def test_presets_are_the_two_families():
     assert gpt2.n_kv_heads == gpt2.n_heads and gpt2.tie_embeddings and gpt2.bias
     assert (llama.positions, llama.norm, llama.mlp, llama.activation) == ("rope", "rmsnorm", "gated", "silu")
     assert llama.n_kv_heads < llama.n_heads and not llama.tie_embeddings and not llama.bias
+
+
+def test_format_version_is_written_and_older_formats_migrate():
+    cfg = ModelConfig.preset("llama3-1m")
+    values = cfg.to_dict()
+    assert values["format_version"] == FORMAT_VERSION
+    # Format 1 (before per-layer choices) had neither the version nor `layers`: it loads as the same config.
+    old = {k: v for k, v in values.items() if k not in ("format_version", "layers")}
+    assert ModelConfig.from_dict(old) == cfg
+    for version in (FORMAT_VERSION + 1, 0, "2"):
+        with pytest.raises(ConfigError) as error:
+            ModelConfig.from_dict({**values, "format_version": version})
+        assert str(error.value).startswith("format_version=") and "\n" not in str(error.value)
+        assert "update the workbench" in str(error.value)

@@ -1,18 +1,22 @@
 """The whole model: loss at init, overfitting, determinism, causality, masks, counts, registration."""
+import json
 import math
 
 import pytest
 import torch
 
-from config import ModelConfig
+from config import FORMAT_VERSION, ModelConfig
+from conftest import ROOT
 from modules.model import IGNORE_INDEX, Model
 from modules.norm import NORMS, Norm
+from toolkit.checkpoint import load_checkpoint, save_model
 
 VARIANTS = {
     "gpt2": dict(preset="gpt2-1m"),
     "llama3": dict(preset="llama3-1m"),
     "mqa+qknorm+window": dict(preset="llama3-1m", n_kv_heads=1, qk_norm=True, sliding_window=5),
-    "sandwich+cosinenorm+relu2": dict(preset="llama3-1m", norm_placement="sandwich", norm="cosinenorm", mlp="plain", activation="relu2"),
+    "sandwich+cosinenorm+relu2": dict(preset="llama3-1m", norm_placement="sandwich", norm="cosinenorm", mlp="plain",
+                                      activation="relu2"),
     "post+nopos+bias": dict(preset="gpt2-1m", norm_placement="post", positions="none"),
 }
 
@@ -126,6 +130,17 @@ def test_loss_ignores_padding_targets():
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def test_compiled_model_takes_new_lengths():
+    """A second and third length make torch.compile trace with a symbolic length (as a last short batch
+    or an evaluation at another length does in training); the graph stays whole and exact."""
+    model = make("llama3")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for T in (16, 12, 9):
+        ids = torch.randint(0, 211, (2, T))
+        assert torch.allclose(compiled(ids, ids)[1], model(ids, ids)[1], atol=1e-6)
+
+
 def test_context_length_is_enforced():
     model = make("gpt2")
     with pytest.raises(ValueError, match="context_length=32"):
@@ -168,3 +183,30 @@ def test_a_new_norm_is_one_class_and_one_registry_line(monkeypatch):
     model = Model(small("llama3-1m", norm="scalenorm"))
     assert isinstance(model.norm, ScaleNorm)
     assert torch.isfinite(model(torch.randint(0, 211, (1, 8)))[0]).all()
+
+
+# logits[1, -1, :4] and the float64 sum of all logits of each shipped model on SHIPPED_IDS, computed by the
+# code before the per-layer redesign (commit fefa8d7) from the same files.
+SHIPPED_IDS = torch.arange(1, 65).reshape(2, 32) * 31 % 2048
+SHIPPED = {
+    "GPT2_1m_atto": (["-0x1.0dd65c0000000p+3", "-0x1.af7a6e0000000p+1", "-0x1.f96d4c0000000p+0",
+                      "-0x1.0ba9100000000p+3"], -258437.9381769787),
+    "Llama3_1m_atto": (["-0x1.88b4b20000000p+2", "-0x1.904c760000000p+1", "-0x1.d5bbd20000000p+0",
+                        "-0x1.9f721c0000000p+2"], -273728.3372321011),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_models_saved_before_the_redesign_give_bit_identical_logits(name, tmp_path):
+    """The shipped models' model_config.json predates format versions (format 1): it is migrated on load,
+    and the logits are the very bits the old code computed. Saving again writes today's format."""
+    directory = ROOT / "trained" / name
+    assert "format_version" not in json.loads((directory / "model_config.json").read_text())
+    model, _ = load_checkpoint(directory)
+    with torch.no_grad():
+        logits = model(SHIPPED_IDS)[0]
+    values, total = SHIPPED[name]
+    assert [float.hex(v) for v in logits[1, -1, :4].tolist()] == values
+    assert logits.double().sum().item() == total
+    save_model(model, tmp_path)
+    assert json.loads((tmp_path / "model_config.json").read_text())["format_version"] == FORMAT_VERSION
