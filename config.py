@@ -102,19 +102,16 @@ def layer_selection(selector: str, n_layers: int) -> list[int]:
     chosen = []
     for part in selector.split(","):
         try:
-            if ":" in part:
-                bounds = [int(b) if b.strip() else None for b in part.split(":")]
-                if len(bounds) > 3:
-                    raise ValueError
-                chosen += list(range(n_layers))[slice(*bounds)]
-            else:
-                index = int(part)
-                if not -n_layers <= index < n_layers:
-                    raise ConfigError(f"layers key {selector!r} is not valid: there is no layer {index} "
-                                      f"(n_layers={n_layers}, indices 0 to {n_layers - 1} or negative from the end)")
-                chosen.append(index % n_layers)
-        except ValueError:
+            if ":" in part:  # a slice; more than three parts or a step of 0 raise too
+                chosen += list(range(n_layers))[slice(*[int(b) if b.strip() else None for b in part.split(":")])]
+                continue
+            index = int(part)
+        except (ValueError, TypeError):
             raise ConfigError(f"layers key {selector!r} is not valid: {how}") from None
+        if not -n_layers <= index < n_layers:
+            raise ConfigError(f"layers key {selector!r} is not valid: there is no layer {index} "
+                              f"(n_layers={n_layers}, indices 0 to {n_layers - 1} or negative from the end)")
+        chosen.append(index % n_layers)
     if not chosen:
         raise ConfigError(f"layers key {selector!r} selects no layer of n_layers={n_layers}: {how}")
     return chosen
@@ -277,6 +274,11 @@ GPT2 = dict(positions="learned", norm="layernorm", norm_bias=True, mlp="plain", 
             mlp_multiplier=4.0, n_kv_heads=None, bias=True, tie_embeddings=True)
 LLAMA3 = dict(positions="rope", rope_theta=500000.0, norm="rmsnorm", norm_bias=False, mlp="gated",
               activation="silu", mlp_multiplier=8 / 3, bias=False, tie_embeddings=False)
+# Gemma 2's layout: sandwich norms, GeGLU 4x MLP, tied head, and sliding-window (local) layers alternating
+# with global ones, local first, the window half the context. Not Gemma's logit soft-capping or its
+# embedding scaling, which this workbench does not have.
+GEMMA2 = dict(positions="rope", rope_theta=10000.0, norm="rmsnorm", norm_bias=False, norm_placement="sandwich",
+              mlp="gated", activation="gelu_tanh", mlp_multiplier=4.0, bias=False, tie_embeddings=True)
 PRESETS = {
     "gpt2": {**GPT2, "vocab_size": 50257, "context_length": 1024, "dim": 768, "n_layers": 12, "n_heads": 12},
     "gpt2-medium": {**GPT2, "vocab_size": 50257, "context_length": 1024, "dim": 1024, "n_layers": 24, "n_heads": 16},
@@ -288,6 +290,8 @@ PRESETS = {
     # Small contexts need no slow rotations: theta 10000 as in the original RoPE.
     "llama3-1m": {**LLAMA3, "rope_theta": 10000.0, "vocab_size": 2048, "context_length": 256, "dim": 128,
                   "n_layers": 4, "n_heads": 4, "n_kv_heads": 2},
+    "gemma2-1m": {**GEMMA2, "vocab_size": 2048, "context_length": 256, "dim": 128, "n_layers": 4, "n_heads": 4,
+                  "n_kv_heads": 2, "layers": {"::2": {"sliding_window": 128}}},
 }
 
 

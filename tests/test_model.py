@@ -165,6 +165,36 @@ def test_parameter_counts_and_flops():
     assert llama.n_params() - llama.n_params(embeddings=False) == 2 * V * d
 
 
+def test_per_layer_parameter_counts_and_flops():
+    """Each layer counts its own shape: layer 0 with one key/value head and a 100-wide MLP, layer 1 windowed."""
+    cfg = ModelConfig.preset("llama3-1m", n_layers=2, layers={"0": {"n_kv_heads": 1, "mlp_hidden": 100},
+                                                               "1": {"sliding_window": 16}})
+    model = Model(cfg)
+    d, V, T, H, D = 128, 2048, 256, 4, 32
+
+    def layer(kv_heads, hidden):  # qkv, out, gated MLP (up holds gate and up), two norms; no biases
+        return d * (H + 2 * kv_heads) * D + H * D * d + d * 2 * hidden + hidden * d + 2 * d
+
+    weights = layer(1, 100) + layer(2, 341) + d
+    assert model.n_params(embeddings=False) == weights and model.n_params() == weights + 2 * V * d
+    attention = 12 * H * D * T + 12 * H * D * 16  # layer 1 attends to 16 keys, not 256
+    assert model.flops_per_token() == 6 * (weights + V * d) + attention
+
+
+def test_a_per_layer_model_is_its_layers_composed():
+    """A model whose layer 0 is windowed and has no positions computes exactly what layer 0 of a uniform
+    model of that kind, then layer 1 of a plain one, compute on the same weights."""
+    per_layer = make("llama3", layers={"0": {"sliding_window": 3, "positions": "none"}})
+    windowed, plain = make("llama3", sliding_window=3, positions="none"), make("llama3")
+    windowed.load_state_dict(per_layer.state_dict())
+    plain.load_state_dict(per_layer.state_dict())
+    ids = torch.randint(0, 211, (2, 12))
+    x = windowed.layers[0](per_layer.embed(ids))
+    expected = per_layer.head(per_layer.norm(plain.layers[1](x)))
+    assert torch.allclose(per_layer(ids)[0], expected, atol=1e-6)
+    assert not torch.allclose(plain(ids)[0], expected, atol=1e-3)  # and the per-layer choice does matter
+
+
 def test_scaled_init():
     torch.manual_seed(0)
     model = Model(ModelConfig.preset("gpt2-1m", n_layers=8))
