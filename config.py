@@ -149,6 +149,7 @@ class ModelConfig(Settings):
     norm_eps: float = 1e-5
     norm_affine: bool = True
     norm_bias: bool = False
+    dyt_alpha: float = 0.5  # norm="dyt": the initial alpha of tanh(alpha * x)
     norm_placement: str = "pre"  # a key of modules.layer.NORM_PLACEMENTS: pre | post | sandwich
     mlp: str = "gated"  # a key of modules.mlp.MLPS
     activation: str = "silu"  # a key of modules.mlp.ACTIVATIONS

@@ -51,10 +51,32 @@ class CosineNorm(Norm):
         return y if self.bias is None else y + self.bias
 
 
+class DyT(Norm):
+    """Dynamic tanh (Zhu et al. 2025, "Transformers without Normalization"): tanh(alpha * x) * weight
+    (+ bias), a learned scalar alpha (initial value dyt_alpha) in place of any statistics."""
+
+    def __init__(self, cfg, layer_index: int | None = None, dim: int | None = None):
+        super().__init__(cfg, layer_index, dim)
+        self.alpha = nn.Parameter(torch.full((1,), cfg.dyt_alpha))
+
+    @staticmethod
+    def check_config(cfg):
+        if not cfg.dyt_alpha > 0:
+            raise ValueError(f"dyt_alpha={cfg.dyt_alpha!r} is not valid: must be positive")
+
+    @log_io
+    def forward(self, x):
+        y = torch.tanh(self.alpha * x)
+        if self.weight is not None:
+            y = y * self.weight
+        return y if self.bias is None else y + self.bias
+
+
 NORMS = {
     "rmsnorm": RMSNorm,
     "layernorm": LayerNorm,
     "cosinenorm": CosineNorm,
+    "dyt": DyT,
 }
 
 
