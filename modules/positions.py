@@ -5,6 +5,7 @@ to the scores (ALiBi), and add a vector to the model's input (learned positions)
 Add a variant: one class and one line in POSITIONS.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -92,8 +93,47 @@ class Rope(NoPositions):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's head-specific slopes: the geometric sequence 2^(-8/n), 2^(-16/n), ... for n a power of
+    two; otherwise those of the largest power of two below n, then every other slope of twice that."""
+    def geometric(n):
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+    below = 2 ** math.floor(math.log2(n_heads))
+    slopes = geometric(below) + geometric(2 * below)[0::2][:n_heads - below]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class AlibiBias:
+    """The score bias -slope_h * (query slot - key slot), in the two forms the attention kernel takes.
+    Hashable: layers with the same number of heads share one mask per forward."""
+    n_heads: int
+
+    def dense(self, distance: torch.Tensor) -> torch.Tensor:
+        """(heads, T, S) biases for a (T, S) matrix of query slot - key slot."""
+        slopes = alibi_slopes(self.n_heads).to(distance.device)
+        return -slopes[:, None, None] * distance
+
+    def score_mod(self, device):
+        """The same bias as a FlexAttention score_mod."""
+        slopes = alibi_slopes(self.n_heads).to(device)
+        return lambda score, b, h, q, k: score - slopes[h] * (q - k)
+
+
+class Alibi(NoPositions):
+    """ALiBi (Press et al. 2021, "Train Short, Test Long"): no position vectors at all; each head adds
+    -slope * distance to its attention scores, with slopes fixed per head. Slot distance equals position
+    distance for every pair attention may use (padding is masked, documents never mix), so it works
+    with the KV cache, left padding, packed documents and sliding windows alike."""
+
+    def __init__(self, cfg, layer_index: int | None = None):
+        super().__init__(cfg, layer_index)
+        self.score_bias = AlibiBias(cfg.n_heads)
+
+
 POSITIONS = {
     "none": NoPositions,
     "learned": LearnedPositions,
     "rope": Rope,
+    "alibi": Alibi,
 }

@@ -9,7 +9,7 @@ import torch
 from config import ModelConfig
 from modules.attention import CausalSelfAttention
 from modules.context import Context, MaskSpec, causal_mask
-from modules.positions import Rope, apply_rotary
+from modules.positions import Rope, alibi_slopes, apply_rotary
 
 
 def config(**overrides):
@@ -204,3 +204,35 @@ def reference_weights(attn, x, window):
     i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
     allowed = (j <= i) & ((i - j < window) if window else True)
     return scores.masked_fill(~allowed, -math.inf).softmax(-1)
+
+
+def test_alibi_slopes_follow_the_paper():
+    assert alibi_slopes(8).tolist() == [2 ** -i for i in range(1, 9)]
+    # Not a power of two: the 4-head slopes, then every other slope of the 8-head sequence.
+    assert alibi_slopes(6).tolist() == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_alibi_attention_matches_formula(window):
+    """softmax(q k^T / sqrt(d) - slope_h * (i - j)) v over the causal (windowed) mask, with no position vectors."""
+    attn = CausalSelfAttention(config(positions="alibi", n_kv_heads=2, sliding_window=window))
+    x = torch.randn(2, 10, 32)
+    q, k, v = attn.project(x, Context.of(x))
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+    bias = -alibi_slopes(4)[:, None, None] * (i - j)
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(8) + bias).masked_fill(~allowed, -math.inf)
+    expected = attn.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, 32))
+    assert torch.allclose(attn(x), expected, atol=1e-5)
+    assert torch.allclose(attn.attention_probabilities(x), scores.softmax(-1), atol=1e-6)
+
+
+def test_alibi_flex_score_mod_equals_dense_bias():
+    attn = CausalSelfAttention(config(positions="alibi", n_kv_heads=2))
+    x = torch.randn(2, 16, 32)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 11, [0] * 16])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.allclose(attn(x, Context(16, doc_ids=doc_ids)), attn(x, Context(16, doc_ids=doc_ids, flex=True)),
+                              atol=1e-5)
