@@ -145,6 +145,7 @@ class ModelConfig(Settings):
     rope_scaling: dict | None = None
     qk_norm: bool = False
     sliding_window: int | None = None  # each token attends to at most this many tokens (itself included)
+    diff_lambda_init: float | None = None  # attention="differential": lambda's start (None: the paper's depth schedule)
     norm: str = "rmsnorm"  # a key of modules.norm.NORMS
     norm_eps: float = 1e-5
     norm_affine: bool = True

@@ -154,6 +154,48 @@ class CausalSelfAttention(LoggingModule):
                        (self.n_kv_heads, self.head_dim), dtype, device)
 
 
+class DifferentialAttention(CausalSelfAttention):
+    """Differential attention (Ye et al. 2024, "Differential Transformer"): each head splits its query and
+    key into two halves and mixes values by the difference of their two softmax maps,
+    softmax(q1 k1^T) - lambda softmax(q2 k2^T), cancelling the attention noise both share. lambda =
+    exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init is learned per layer; each head's output is normed (the
+    config's norm over head_dim) and scaled by 1 - lambda_init. lambda_init is diff_lambda_init, or the
+    paper's 0.8 - 0.6 exp(-0.3 layer_index). Same weights as causal attention but four small vectors."""
+
+    qk_split = 2
+
+    def __init__(self, cfg, layer_index: int = 0):
+        super().__init__(cfg, layer_index)
+        depth_schedule = 0.8 - 0.6 * math.exp(-0.3 * layer_index)
+        self.lambda_init = depth_schedule if cfg.diff_lambda_init is None else cfg.diff_lambda_init
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+            nn.Parameter(torch.randn(self.qk_dim) * 0.1) for _ in range(4))
+        self.head_norm = make_norm(cfg, layer_index, cfg.head_dim)
+
+    @staticmethod
+    def check_config(cfg):
+        if cfg.head_dim % 4:
+            raise ValueError(f"head_dim={cfg.head_dim} is not valid: differential attention needs a multiple of 4 "
+                             f"(two halves, each even for rotary positions)")
+        if cfg.diff_lambda_init is not None and not 0 <= cfg.diff_lambda_init < 1:
+            raise ValueError(f"diff_lambda_init={cfg.diff_lambda_init!r} is not valid: must be None or in [0, 1)")
+
+    def lambda_(self):
+        return (torch.exp(self.lambda_q1 @ self.lambda_k1) - torch.exp(self.lambda_q2 @ self.lambda_k2)
+                + self.lambda_init)
+
+    def mix(self, q, k, v, ctx: Context) -> torch.Tensor:
+        (q1, q2), (k1, k2) = q.unflatten(1, (-1, 2)).unbind(2), k.unflatten(1, (-1, 2)).unbind(2)
+        dropout = self.dropout if self.training else 0.0
+        first = attend(q1, k1, v, ctx, self.mask_spec, dropout)
+        second = attend(q2, k2, v, ctx, self.mask_spec, dropout)
+        return self.head_norm(first - self.lambda_() * second) * (1 - self.lambda_init)
+
+    def combine_maps(self, maps: list) -> torch.Tensor:
+        return maps[0] - self.lambda_() * maps[1]
+
+
 ATTENTIONS = {
     "causal": CausalSelfAttention,
+    "differential": DifferentialAttention,
 }

@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-from config import ModelConfig
-from modules.attention import CausalSelfAttention
+from config import ConfigError, ModelConfig
+from modules.attention import ATTENTIONS, CausalSelfAttention
 from modules.context import Context, MaskSpec, causal_mask
 from modules.positions import Rope, alibi_slopes, apply_rotary
 
@@ -236,3 +236,50 @@ def test_alibi_flex_score_mod_equals_dense_bias():
         warnings.simplefilter("ignore")
         assert torch.allclose(attn(x, Context(16, doc_ids=doc_ids)), attn(x, Context(16, doc_ids=doc_ids, flex=True)),
                               atol=1e-5)
+
+
+def reference_differential(attn, x, window=None):
+    """Differential attention written out head by head: two softmax maps over the query/key halves, their
+    difference (scaled by lambda) mixing the values, RMS-normed per head and scaled by 1 - lambda_init."""
+    B, T, _ = x.shape
+    H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q, k, v = (x @ attn.qkv.weight.T).split(attn.split, -1)
+    q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    lam = (torch.exp(attn.lambda_q1 @ attn.lambda_k1) - torch.exp(attn.lambda_q2 @ attn.lambda_k2) + attn.lambda_init)
+    heads = []
+    for h in range(H):
+        g = h // (H // KV)
+        maps = [torch.softmax((q[:, :, h, half] @ k[:, :, g, half].transpose(1, 2) / math.sqrt(D / 2))
+                              .masked_fill(~allowed, -math.inf), -1) for half in (slice(0, D // 2), slice(D // 2, D))]
+        mixed = (maps[0] - lam * maps[1]) @ v[:, :, g]
+        normed = mixed / torch.sqrt(mixed.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.head_norm.weight
+        heads.append(normed * (1 - attn.lambda_init))
+    return torch.cat(heads, -1) @ attn.out.weight.T
+
+
+@pytest.mark.parametrize("n_kv_heads, window", [(4, None), (2, 3), (1, None)])
+def test_differential_attention_matches_formula(n_kv_heads, window):
+    attn = ATTENTIONS["differential"](config(attention="differential", n_kv_heads=n_kv_heads, sliding_window=window), 3)
+    with torch.no_grad():
+        attn.head_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 10, 32)
+    assert attn.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-0.9))  # the paper's schedule at layer 3
+    assert torch.allclose(attn(x), reference_differential(attn, x, window), atol=1e-5)
+    # Its maps: rows of the difference sum to 1 - lambda, and nothing outside the mask has weight.
+    weights = attn.attention_probabilities(x)
+    assert torch.allclose(weights.sum(-1), (1 - attn.lambda_()).expand(2, 4, 10), atol=1e-5)
+    assert (weights.masked_select(~causal_mask(10, window=window)) == 0).all()
+
+
+def test_differential_attention_settings():
+    cfg = config(attention="differential", diff_lambda_init=0.5)
+    assert ATTENTIONS["differential"](cfg, 7).lambda_init == 0.5
+    plain, differential = CausalSelfAttention(config()), ATTENTIONS["differential"](cfg)
+    extra = sum(p.numel() for p in differential.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 4 * 4 + 8  # four lambda vectors of head_dim / 2, and the per-head norm's scale
+    for overrides, message in [({"head_dim": 6}, "head_dim=6 is not valid: differential attention needs"),
+                               ({"diff_lambda_init": 1.0}, "diff_lambda_init=1.0 is not valid")]:
+        with pytest.raises(ConfigError, match=f"^{message}"):
+            config(attention="differential", **overrides)
