@@ -251,7 +251,8 @@ class ModelConfig(Settings):
 
     @classmethod
     def from_dict(cls, values: dict):
-        """A config from its dict (a saved model_config.json), migrated from older format versions."""
+        """A config from its dict (a saved model_config.json), migrated from older format versions; a dict
+        without format_version is format 1, from before versions were written."""
         values = dict(values)
         version = values.pop("format_version", 1)
         if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
@@ -266,7 +267,7 @@ class ModelConfig(Settings):
         """A named preset (see PRESETS), with any field overridden."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}{closest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **overrides, "format_version": FORMAT_VERSION})  # today's format
 
 
 # Presets as data: the two families, then sizes. GPT-2: learned positions, LayerNorm with bias,
