@@ -57,7 +57,9 @@ class Model(LoggingModule):
         positions restart at each document. padding_mask: (B, T), False at (left) padding.
         cache: generation state, extended by this step. last_logits_only: logits (B, 1, vocab) of the
         last position only, all that generation needs. Returns (logits (B, T, vocab), loss or None)."""
-        ctx = self.context(input_ids, doc_ids, padding_mask, cache)
+        self.check_input(input_ids, doc_ids, cache)
+        step = cache.begin(input_ids.shape[1], padding_mask) if cache is not None else None
+        ctx = self.context(input_ids, doc_ids, padding_mask, cache, step)
         x = self.embed(input_ids)
         if self.pos_embed is not None:
             x = x + self.pos_embed(ctx.position_ids())
@@ -76,16 +78,18 @@ class Model(LoggingModule):
             loss = F.cross_entropy(logits32, targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
-    def context(self, input_ids, doc_ids, padding_mask, cache) -> Context:
-        """What every layer may need in this forward; with a cache, this opens the cache's step."""
-        T, device = input_ids.shape[1], input_ids.device
+    def check_input(self, input_ids, doc_ids, cache):
         start = cache.length if cache is not None else 0
-        if start + T > self.cfg.context_length:
-            raise ValueError(f"{start + T} tokens exceed the model's context_length={self.cfg.context_length}")
-        if cache is not None:
-            if doc_ids is not None:
-                raise ValueError("doc_ids is for training; generation with a cache takes padding_mask")
-            step = cache.begin(T, padding_mask)
+        if start + input_ids.shape[1] > self.cfg.context_length:
+            raise ValueError(f"{start + input_ids.shape[1]} tokens exceed the model's "
+                             f"context_length={self.cfg.context_length}")
+        if cache is not None and doc_ids is not None:
+            raise ValueError("doc_ids is for training; generation with a cache takes padding_mask")
+
+    def context(self, input_ids, doc_ids, padding_mask, cache, step) -> Context:
+        """What every layer may need in this forward (with a cache: the slots and positions of its open step)."""
+        T, device = input_ids.shape[1], input_ids.device
+        if step is not None:
             return Context(T, step.positions, step.start, key_valid=step.key_valid, cache=cache, device=device)
         if doc_ids is not None:  # positions restart at each document; on CUDA FlexAttention skips masked blocks
             return Context(T, document_positions(doc_ids), doc_ids=doc_ids, key_valid=padding_mask, device=device,

@@ -141,6 +141,27 @@ def test_compiled_model_takes_new_lengths():
         assert torch.allclose(compiled(ids, ids)[1], model(ids, ids)[1], atol=1e-6)
 
 
+def test_a_failed_cache_step_changes_nothing(monkeypatch):
+    """Only the end of a step fills the cache: a forward that fails half-way leaves it as it was (left
+    padding and positions included), and the retried step gives the uncached logits."""
+    model = make("llama3").eval()
+    ids = torch.randint(0, 211, (2, 10))
+    padding_mask = torch.arange(8)[None] >= torch.tensor([[0], [3]])
+    cache = model.make_cache(2)
+    model(ids[:, :8], padding_mask=padding_mask, cache=cache)
+    state = (cache.length, cache.next_position.clone(), cache.key_valid.clone(), cache.padded)
+    monkeypatch.setattr(model.layers[1], "forward", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        model(ids[:, 8:10], cache=cache)
+    assert (cache.length, cache.padded) == (state[0], state[3]) and torch.equal(cache.next_position, state[1])
+    assert torch.equal(cache.key_valid, state[2]) and state[0] == 8 and state[1].tolist() == [8, 5]
+    monkeypatch.undo()
+    retried = model(ids[:, 8:10], cache=cache)[0]
+    full_mask = torch.cat([padding_mask, torch.ones(2, 2, dtype=torch.bool)], 1)
+    assert torch.allclose(retried, model(ids, padding_mask=full_mask)[0][:, 8:], atol=1e-5)
+    assert cache.length == 10 and cache.next_position.tolist() == [10, 7]
+
+
 def test_context_length_is_enforced():
     model = make("gpt2")
     with pytest.raises(ValueError, match="context_length=32"):
