@@ -7,6 +7,7 @@ import torch
 
 from config import FORMAT_VERSION, ModelConfig
 from conftest import ROOT
+from modules.attention import ATTENTIONS, CausalSelfAttention
 from modules.model import IGNORE_INDEX, Model
 from modules.norm import NORMS, Norm
 from toolkit.checkpoint import load_checkpoint, save_model
@@ -160,6 +161,33 @@ def test_a_failed_cache_step_changes_nothing(monkeypatch):
     full_mask = torch.cat([padding_mask, torch.ones(2, 2, dtype=torch.bool)], 1)
     assert torch.allclose(retried, model(ids, padding_mask=full_mask)[0][:, 8:], atol=1e-5)
     assert cache.length == 10 and cache.next_position.tolist() == [10, 7]
+
+
+def test_an_attention_variant_can_bring_its_own_cache_layout(monkeypatch):
+    """The cache asks each attention module for its entry: a layout slot-major instead of head-major
+    needs only make_cache, and cached logits still equal uncached ones."""
+    class SlotMajorKV:
+        def __init__(self, batch_size, max_len, key_shape, value_shape, dtype, device):
+            self.keys = torch.zeros(batch_size, max_len, *key_shape, dtype=dtype, device=device)
+            self.values = torch.zeros(batch_size, max_len, *value_shape, dtype=dtype, device=device)
+
+        def write(self, k, v, start):
+            end = start + k.shape[2]
+            self.keys[:, start:end], self.values[:, start:end] = k.transpose(1, 2), v.transpose(1, 2)
+            return self.keys[:, :end].transpose(1, 2), self.values[:, :end].transpose(1, 2)
+
+    class SlotMajorAttention(CausalSelfAttention):
+        def make_cache(self, batch_size, max_len, dtype=torch.float32, device=None):
+            return SlotMajorKV(batch_size, max_len, (self.n_kv_heads, self.head_dim),
+                               (self.n_kv_heads, self.head_dim), dtype, device)
+
+    monkeypatch.setitem(ATTENTIONS, "slot_major", SlotMajorAttention)
+    model = make("llama3", attention="slot_major").eval()
+    ids = torch.randint(0, 211, (2, 12))
+    cache = model.make_cache(2)
+    steps = [model(ids[:, :7], cache=cache)[0]] + [model(ids[:, t:t + 1], cache=cache)[0] for t in range(7, 12)]
+    assert isinstance(cache.layers[0], SlotMajorKV) and cache.layers[0].keys.shape == (2, 32, 2, 8)
+    assert torch.allclose(torch.cat(steps, 1), model(ids)[0], atol=1e-5)
 
 
 def test_context_length_is_enforced():
