@@ -12,8 +12,10 @@ import typing
 from dataclasses import dataclass
 
 from modules.attention import ATTENTIONS
+from modules.layer import NORM_PLACEMENTS
 from modules.mlp import ACTIVATIONS, MLPS
 from modules.norm import NORMS
+from modules.positions import POSITIONS
 from toolkit.optim import OPTIMIZERS
 
 
@@ -80,6 +82,52 @@ class Settings:
         return cls.from_dict(json.loads(text))
 
 
+# Every choice that names a class: the field and the registry its value is a key of.
+REGISTRIES = {"attention": ATTENTIONS, "positions": POSITIONS, "norm": NORMS, "norm_placement": NORM_PLACEMENTS,
+              "mlp": MLPS, "activation": ACTIVATIONS}
+# Fields that hold for the whole model; every other field may differ per layer (see ModelConfig.layers).
+MODEL_WIDE = ("vocab_size", "context_length", "dim", "n_layers", "tie_embeddings", "embed_dropout", "init_std",
+              "layers")
+# Derived fields recomputed for a layer that overrides what they derive from (unless it sets them too).
+DERIVED = {"head_dim": ("n_heads",), "mlp_hidden": ("mlp_multiplier", "mlp_multiple_of")}
+# model_config.json carries the format it was written in; older formats are migrated on load.
+# Version 1 (no format_version, before per-layer choices): every field kept its meaning, nothing to change.
+FORMAT_VERSION = 2
+MIGRATIONS = {1: lambda values: values}
+
+
+def layer_selection(selector: str, n_layers: int) -> list[int]:
+    """The layers a key of ModelConfig.layers selects: layer indices and Python slices separated by
+    commas, e.g. '0', '-1' (the last layer), '1,3', '::2' (every other layer from 0), '1::2', '2:'."""
+    how = "use layer indices and slices separated by commas, e.g. '0', '1,3', '-1', '::2', '1::2'"
+    chosen = []
+    for part in selector.split(","):
+        try:
+            if ":" in part:  # a slice; more than three parts or a step of 0 raise too
+                chosen += list(range(n_layers))[slice(*[int(b) if b.strip() else None for b in part.split(":")])]
+                continue
+            index = int(part)
+        except (ValueError, TypeError):
+            raise ConfigError(f"layers key {selector!r} is not valid: {how}") from None
+        if not -n_layers <= index < n_layers:
+            raise ConfigError(f"layers key {selector!r} is not valid: there is no layer {index} "
+                              f"(n_layers={n_layers}, indices 0 to {n_layers - 1} or negative from the end)")
+        chosen.append(index % n_layers)
+    if not chosen:
+        raise ConfigError(f"layers key {selector!r} selects no layer of n_layers={n_layers}: {how}")
+    return chosen
+
+
+def check_variant(cfg, field: str):
+    """The chosen class's own requirements: an optional `check_config(cfg)` raising a one-line ValueError."""
+    check = getattr(REGISTRIES[field][getattr(cfg, field)], "check_config", None)
+    if check is not None:
+        try:
+            check(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
 @dataclass
 class ModelConfig(Settings):
     """The architecture. Fields left None are derived at construction (n_kv_heads = n_heads,
@@ -92,16 +140,18 @@ class ModelConfig(Settings):
     n_kv_heads: int | None = 2  # None or n_heads: MHA; 1: MQA; in between: GQA
     head_dim: int | None = None  # None: dim / n_heads
     attention: str = "causal"  # a key of modules.attention.ATTENTIONS
-    positions: str = "rope"  # rope | learned | none
+    positions: str = "rope"  # a key of modules.positions.POSITIONS: rope | learned | none | alibi
     rope_theta: float = 10000.0  # RoPE base: larger rotates slower, for longer contexts
     rope_scaling: dict | None = None  # Llama 3.1 style: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
     qk_norm: bool = False  # normalise queries and keys per head before attention
     sliding_window: int | None = None  # each token attends to at most this many tokens (itself included)
+    diff_lambda_init: float | None = None  # attention="differential": lambda's start (None: the paper's depth schedule)
     norm: str = "rmsnorm"  # a key of modules.norm.NORMS
     norm_eps: float = 1e-5  # keeps each norm from dividing by zero
     norm_affine: bool = True  # norms have a learned scale
     norm_bias: bool = False  # norms have a learned bias (LayerNorm)
-    norm_placement: str = "pre"  # pre | post | sandwich
+    dyt_alpha: float = 0.5  # norm="dyt": the initial alpha of tanh(alpha * x)
+    norm_placement: str = "pre"  # a key of modules.layer.NORM_PLACEMENTS: pre | post | sandwich
     mlp: str = "gated"  # a key of modules.mlp.MLPS
     activation: str = "silu"  # a key of modules.mlp.ACTIVATIONS
     mlp_hidden: int | None = None  # None: mlp_multiplier * dim, rounded up to mlp_multiple_of
@@ -113,11 +163,33 @@ class ModelConfig(Settings):
     attn_dropout: float = 0.0  # dropout on the attention probabilities
     resid_dropout: float = 0.0  # dropout on each block's output before it joins the residual stream
     init_std: float = 0.02  # standard deviation of the initial weights
+    # Per-layer overrides: {selector: {field: value}}, selectors as in layer_selection ('0', '1,3', '::2');
+    # later entries win where they overlap. E.g. {"::2": {"sliding_window": 64}, "0": {"positions": "none"}}.
+    layers: dict | None = None  # per-layer overrides, e.g. {"::2": {"sliding_window": 64}} (see above)
 
     def __post_init__(self):
         self.check_types()
         for name in ("vocab_size", "context_length", "dim", "n_layers", "n_heads"):
             require(getattr(self, name) > 0, name, getattr(self, name), "must be a positive integer")
+        self.derive_sizes()
+        for field, registry in REGISTRIES.items():
+            one_of(field, getattr(self, field), registry)
+        require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
+        if self.rope_scaling is not None:
+            keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            require(set(self.rope_scaling) == keys, "rope_scaling", self.rope_scaling,
+                    f"give exactly the Llama 3.1 keys {', '.join(sorted(keys))}")
+        if self.sliding_window is not None:
+            require(self.sliding_window > 0, "sliding_window", self.sliding_window, "must be None or positive")
+        require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be positive")
+        for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
+            require(0 <= getattr(self, name) < 1, name, getattr(self, name), "must be in [0, 1)")
+        require(self.init_std > 0, "init_std", self.init_std, "must be positive")
+        for field in REGISTRIES:
+            check_variant(self, field)
+        self.check_layers()
+
+    def derive_sizes(self):
         if self.head_dim is None:
             divisors = [n for n in range(1, self.dim + 1) if self.dim % n == 0]
             require(self.dim % self.n_heads == 0, "n_heads", self.n_heads,
@@ -129,38 +201,73 @@ class ModelConfig(Settings):
         divisors = [n for n in range(1, self.n_heads + 1) if self.n_heads % n == 0]
         require(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
                 f"must divide n_heads={self.n_heads} (choose from {', '.join(map(str, divisors))})")
-        one_of("attention", self.attention, ATTENTIONS)
-        one_of("positions", self.positions, ("rope", "learned", "none"))
-        if self.positions == "rope":
-            require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "rotary positions need an even head_dim")
-            require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
-        if self.rope_scaling is not None:
-            keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-            require(set(self.rope_scaling) == keys, "rope_scaling", self.rope_scaling,
-                    f"give exactly the Llama 3.1 keys {', '.join(sorted(keys))}")
-        if self.sliding_window is not None:
-            require(self.sliding_window > 0, "sliding_window", self.sliding_window, "must be None or positive")
-        one_of("norm", self.norm, NORMS)
-        require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be positive")
-        one_of("norm_placement", self.norm_placement, ("pre", "post", "sandwich"))
-        one_of("mlp", self.mlp, MLPS)
-        one_of("activation", self.activation, ACTIVATIONS)
         require(self.mlp_multiple_of > 0, "mlp_multiple_of", self.mlp_multiple_of, "must be a positive integer")
         if self.mlp_hidden is None:
             require(self.mlp_multiplier > 0, "mlp_multiplier", self.mlp_multiplier, "must be positive")
             hidden = int(self.mlp_multiplier * self.dim + 1e-6)  # 8/3 * 384 must give 1024, not 1023
             self.mlp_hidden = -(-hidden // self.mlp_multiple_of) * self.mlp_multiple_of
         require(self.mlp_hidden > 0, "mlp_hidden", self.mlp_hidden, "must be a positive integer")
-        for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
-            require(0 <= getattr(self, name) < 1, name, getattr(self, name), "must be in [0, 1)")
-        require(self.init_std > 0, "init_std", self.init_std, "must be positive")
+
+    def check_layers(self):
+        """The per-layer overrides name real layers and per-layer fields, and give every layer a valid config."""
+        if self.layers is None:
+            return
+        self.layers = {str(selector): values for selector, values in self.layers.items()}  # JSON keys are strings
+        names = {f.name for f in dataclasses.fields(self)}
+        for selector, values in self.layers.items():
+            layer_selection(selector, self.n_layers)
+            require(isinstance(values, dict), f"layers[{selector!r}]", values, "give a dict of field: value overrides")
+            for name in values:
+                if name not in names:
+                    raise ConfigError(f"layers[{selector!r}]: unknown field {name!r}{closest(name, names)}")
+                require(name not in MODEL_WIDE, f"layers[{selector!r}].{name}", values[name],
+                        f"{name} holds for the whole model; per-layer fields are all but {', '.join(MODEL_WIDE)}")
+        embedding = POSITIONS[self.positions].input_embedding
+        for index in range(self.n_layers):
+            try:
+                layer = self.layer(index)
+            except ConfigError as e:
+                raise ConfigError(f"layer {index}: {e}") from None
+            require(POSITIONS[layer.positions].input_embedding is embedding, f"layer {index}: positions",
+                    layer.positions, f"positions with an input embedding hold for the whole model ({self.positions!r})")
+
+    def layer(self, index: int) -> "ModelConfig":
+        """The config of layer `index`: this one with the `layers` entries that select it applied in order."""
+        if not self.layers:
+            return self
+        overrides = {}
+        for selector, values in self.layers.items():
+            if index in layer_selection(selector, self.n_layers):
+                overrides.update(values)
+        values = {**self.to_dict(), **overrides, "layers": None}
+        values.pop("format_version")
+        for derived, inputs in DERIVED.items():
+            if derived not in overrides and any(name in overrides for name in inputs):
+                values[derived] = None
+        return ModelConfig(**values)
+
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, **super().to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """A config from its dict (a saved model_config.json), migrated from older format versions; a dict
+        without format_version is format 1, from before versions were written."""
+        values = dict(values)
+        version = values.pop("format_version", 1)
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise ConfigError(f"format_version={version!r} is not one this code reads (1 to {FORMAT_VERSION}): "
+                              f"update the workbench to the version that saved the model")
+        for old in range(version, FORMAT_VERSION):
+            values = MIGRATIONS[old](values)
+        return super().from_dict(values)
 
     @classmethod
     def preset(cls, name: str, **overrides):
         """A named preset (see PRESETS), with any field overridden."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}{closest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **overrides, "format_version": FORMAT_VERSION})  # today's format
 
 
 # Presets as data: the two families, then sizes. GPT-2: learned positions, LayerNorm with bias,
@@ -170,6 +277,11 @@ GPT2 = dict(positions="learned", norm="layernorm", norm_bias=True, mlp="plain", 
             mlp_multiplier=4.0, n_kv_heads=None, bias=True, tie_embeddings=True)
 LLAMA3 = dict(positions="rope", rope_theta=500000.0, norm="rmsnorm", norm_bias=False, mlp="gated",
               activation="silu", mlp_multiplier=8 / 3, bias=False, tie_embeddings=False)
+# Gemma 2's layout: sandwich norms, GeGLU 4x MLP, tied head, and sliding-window (local) layers alternating
+# with global ones, local first, the window half the context. Not Gemma's logit soft-capping or its
+# embedding scaling, which this workbench does not have.
+GEMMA2 = dict(positions="rope", rope_theta=10000.0, norm="rmsnorm", norm_bias=False, norm_placement="sandwich",
+              mlp="gated", activation="gelu_tanh", mlp_multiplier=4.0, bias=False, tie_embeddings=True)
 PRESETS = {
     "gpt2": {**GPT2, "vocab_size": 50257, "context_length": 1024, "dim": 768, "n_layers": 12, "n_heads": 12},
     "gpt2-medium": {**GPT2, "vocab_size": 50257, "context_length": 1024, "dim": 1024, "n_layers": 24, "n_heads": 16},
@@ -181,6 +293,8 @@ PRESETS = {
     # Small contexts need no slow rotations: theta 10000 as in the original RoPE.
     "llama3-1m": {**LLAMA3, "rope_theta": 10000.0, "vocab_size": 2048, "context_length": 256, "dim": 128,
                   "n_layers": 4, "n_heads": 4, "n_kv_heads": 2},
+    "gemma2-1m": {**GEMMA2, "vocab_size": 2048, "context_length": 256, "dim": 128, "n_layers": 4, "n_heads": 4,
+                  "n_kv_heads": 2, "layers": {"::2": {"sliding_window": 128}}},
 }
 
 

@@ -24,8 +24,16 @@ import pandas as pd
 from config import ConfigError
 from toolkit.cli import parse_value, route_overrides, split_arguments
 from toolkit.data import DataError
-from toolkit.experiment import (MODEL_FIELDS, TRAIN_FIELDS, Experiment, ExperimentError, Interrupted, field_of,
-                                read_plan, run_experiment)
+from toolkit.experiment import (
+    MODEL_FIELDS,
+    TRAIN_FIELDS,
+    Experiment,
+    ExperimentError,
+    Interrupted,
+    field_of,
+    read_plan,
+    run_experiment,
+)
 from toolkit.hf import LoadError
 from toolkit.report import plan_table, write_report
 from toolkit.tokenizer import TokenizerError

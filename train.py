@@ -17,7 +17,7 @@ import sys
 
 from config import ConfigError, ModelConfig, TrainConfig
 from toolkit import checkpoint
-from toolkit.checkpoint import MODEL_CONFIG, TRAIN_CONFIG, read_json
+from toolkit.checkpoint import TRAIN_CONFIG, read_json
 from toolkit.cli import describe_settings, protect_output, route_overrides, split_arguments
 from toolkit.data import DataError, absolute_spec
 from toolkit.hf import LoadError

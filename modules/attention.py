@@ -1,8 +1,13 @@
-"""Causal self-attention: MHA, GQA and MQA through `n_kv_heads`, rotary positions, QK-norm,
-sliding windows, masks, and the preallocated KV cache used for generation.
+"""Causal self-attention and the one kernel function every attention variant calls.
 
-Add an attention variant: one class with the same forward signature and one line in ATTENTIONS.
+A variant is one class, built as Cls(cfg, layer_index), and one line in ATTENTIONS. It makes queries,
+keys and values however it likes and hands them to `attend` with its MaskSpec (window, score bias):
+`attend` picks SDPA (its `is_causal` path when nothing else is needed), FlexAttention (CUDA document
+masks) or the explicit formula (for `attention_probabilities`), and shares key/value heads (GQA), so
+no variant copies dispatch code.
 """
+import copy
+import dataclasses
 import functools
 import math
 
@@ -10,184 +15,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.cache import KVCache, LayerKV  # noqa: F401  (KVCache: the cache type, imported from here by toolkit)
+from modules.context import Context, FlexMask, MaskSpec
 from modules.logging import LoggingModule, log_io
-from modules.norm import NORMS
+from modules.norm import make_norm
+from modules.positions import POSITIONS
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """Rotation speed of each pair of channels, theta^(-2i/head_dim); optional Llama 3.1 scaling."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    if scaling is None:
-        return inv_freq
-    # Llama 3.1: slow down low frequencies by `factor`, keep high ones, blend in between.
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    original_len = scaling["original_max_position_embeddings"]
-    wavelength = 2 * math.pi / inv_freq
-    blend = ((original_len / wavelength - low) / (high - low)).clamp(0, 1)
-    return (1 - blend) * inv_freq / factor + blend * inv_freq
+def attend(q, k, v, ctx: Context, spec: MaskSpec, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for queries (B, H, T, d) over keys (B, KV, S, d) and values
+    (B, KV, S, dv), where each key/value head serves H / KV query heads. Returns (B, H, T, dv)."""
+    grouped = q.shape[1] != k.shape[1]
+    if ctx.weights is not None:  # attention_probabilities: the same mask, weights made explicit
+        return explicit_attention(q, k, v, ctx.dense_mask(spec, q.dtype), ctx.weights)
+    mask = ctx.mask(spec, q.dtype)
+    if isinstance(mask, FlexMask):
+        return flex_attention(q, k, v, mask.block_mask, mask.score_mod, enable_gqa=grouped)
+    # Key/value heads shared by query groups: training copies them (not every fused GPU kernel takes
+    # enable_gqa); generation reads the whole cache at every step, so there SDPA shares them.
+    if grouped and ctx.cache is None:
+        repeats = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    T = q.shape[2]
+    # SDPA aligns is_causal to the top left, which is right only without cached keys; a single new
+    # query may see every cached key, so it needs no mask at all. (An `if`, as torch.compile may make
+    # T symbolic and SDPA takes only a real bool.)
+    assert mask is not None or T == 1 or k.shape[2] == T, "a cached prefix needs an explicit mask"
+    causal = False
+    if mask is None and T > 1:
+        causal = True
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                          enable_gqa=grouped and ctx.cache is not None)
 
 
-class Rotary(LoggingModule):
-    """Rotary position embedding tables (Su et al. 2021), computed once for every position."""
-
-    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0, scaling: dict | None = None):
-        super().__init__()
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_frequencies(head_dim, theta, scaling))
-        # Derived from the config, so not saved with the weights.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    @log_io(outputs=("cos", "sin"))
-    def forward(self, positions: int | torch.Tensor, length: int):
-        """Tables for `length` positions starting at `positions` (an int), or for a (B, T) tensor of
-        positions; shaped to broadcast over (B, heads, T, head_dim / 2)."""
-        if isinstance(positions, int):
-            return self.cos[positions:positions + length], self.sin[positions:positions + length]
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel i with channel i + head_dim/2 by angle position * frequency_i."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
-def causal_mask(length: int, start: int = 0, window: int | None = None, key_valid: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """Boolean mask (True = may attend) of `length` queries at slots start.. over keys at slots 0..start+length.
-
-    window: a query sees only the last `window` keys (itself included).
-    key_valid: (B, start+length), False for padding slots.
-    doc_ids: (B, length) document of each token (start must be 0); tokens see only their own document.
-    Every query sees itself, so no row is empty (empty rows would give NaN).
-    Returns (T, S) or (B, 1, T, S).
-    """
-    q = torch.arange(start, start + length, device=device)[:, None]
-    k = torch.arange(start + length, device=device)[None, :]
-    mask = k <= q
-    if window is not None:
-        mask = mask & (q - k < window)
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, :]
-    mask = mask | (k == q)
-    return mask.unsqueeze(1) if mask.dim() == 3 else mask
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` slots.
-
-    Slots fill left to right, the same slots for the whole batch. Prompts of different lengths are
-    left-padded; `key_valid` marks the slots that hold real tokens and `next_position` counts each
-    sequence's real tokens, which is its next token's position.
-    """
-
-    def __init__(self, n_layers, batch_size, n_kv_heads, head_dim, max_len, dtype=torch.float32, device=None):
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.length = 0  # slots filled
-        self.padded = False  # whether any slot holds padding (then positions differ per sequence)
-
-    @property
-    def max_len(self):
-        return self.keys.shape[3]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write this step's keys and values after the filled slots; return all filled slots."""
-        end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def __repr__(self):
-        return f"KVCache(length={self.length}, max_len={self.max_len}, batch={self.keys.shape[1]})"
-
-
-class CausalSelfAttention(LoggingModule):
-    """Multi-head causal self-attention with `n_kv_heads` key/value heads shared by groups of
-    query heads (n_kv_heads == n_heads: MHA, 1: MQA, in between: GQA)."""
-
-    def __init__(self, cfg, layer_index: int = 0):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.layer_index = layer_index  # which slice of the KV cache is ours
-        self.split = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
-        self.qkv = nn.Linear(cfg.dim, sum(self.split), bias=cfg.bias)  # one matmul for q, k and v
-        self.qkv.output_split = self.split  # three projections (Muon orthogonalises each alone)
-        self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
-        self.out.residual_projection = True  # scaled init (see Model.init_weights)
-        self.q_norm = self.k_norm = None
-        if cfg.qk_norm:
-            self.q_norm = NORMS[cfg.norm](cfg.head_dim, cfg.norm_eps, cfg.norm_affine, cfg.norm_bias)
-            self.k_norm = NORMS[cfg.norm](cfg.head_dim, cfg.norm_eps, cfg.norm_affine, cfg.norm_bias)
-        self.dropout = cfg.attn_dropout
-
-    def heads(self, x, rope=None):
-        """Queries (B, n_heads, T, head_dim), keys and values (B, n_kv_heads, T, head_dim), normed and rotated."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        return q, k, v
-
-    def attention_probabilities(self, x, rope=None, mask=None):
-        """The (B, n_heads, T, T) softmax weights that forward's SDPA never materialises, for looking at.
-        mask as in forward (None: causal)."""
-        q, k, _ = self.heads(x, rope)
-        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
-        allowed = causal_mask(x.shape[1], device=x.device) if mask is None else mask
-        return scores.masked_fill(~allowed, -math.inf).softmax(-1)
-
-    @log_io
-    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None):
-        """x: (B, T, dim). rope: (cos, sin) tables or None. mask: None means causal (each query sees
-        itself and every earlier key), else a boolean tensor (True = may attend) or a FlexAttention
-        BlockMask. cache: keys and values of earlier steps, extended in place."""
-        B, T, _ = x.shape
-        q, k, v = self.heads(x, rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_index, k, v)
-        dropout = self.dropout if self.training else 0.0
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-        else:
-            # Key/value heads shared by query groups: training copies them (not every fused GPU kernel
-            # takes enable_gqa); generation reads the whole cache at every step, so SDPA shares them.
-            grouped = self.n_kv_heads != self.n_heads
-            if grouped and cache is None:
-                repeats = self.n_heads // self.n_kv_heads
-                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-            # SDPA aligns is_causal to the top left, which is right only without cached keys; a single
-            # new query may see every cached key, so it needs no mask at all.
-            assert mask is not None or T == 1 or k.shape[2] == T, "a cached prefix needs an explicit mask"
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=mask is None and T > 1,
-                                               enable_gqa=grouped and cache is not None)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
-
-
-def document_block_mask(doc_ids: torch.Tensor, window: int | None = None):
-    """The FlexAttention form of causal_mask(T, window=window, doc_ids=doc_ids): a BlockMask that
-    lets the kernel skip whole blocks with nothing to attend (other documents, the future)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def allowed(b, h, q, k):
-        keep = (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
-        return keep & (q - k < window) if window is not None else keep
-
-    B, T = doc_ids.shape
-    return create_block_mask(allowed, B, None, T, T, device=doc_ids.device)
+def explicit_attention(q, k, v, mask: torch.Tensor, weights_out: list) -> torch.Tensor:
+    """The formula written out, appending its softmax weights (B, H, T, S) to weights_out."""
+    repeats = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(-1)
+    weights_out.append(weights)
+    return weights @ v
 
 
 @functools.cache
@@ -196,13 +65,138 @@ def compiled_flex_attention():
     return torch.compile(flex)  # FlexAttention is only fast compiled
 
 
-def flex_attention(q, k, v, block_mask, enable_gqa):
+def flex_attention(q, k, v, block_mask, score_mod, enable_gqa):
     if q.is_cuda:
-        return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+        return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa)
     from torch.nn.attention.flex_attention import flex_attention as flex
-    return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)  # eager reference: for tests on CPU
+    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa)  # eager: tests on CPU
+
+
+class CausalSelfAttention(LoggingModule):
+    """Multi-head causal self-attention with `n_kv_heads` key/value heads shared by groups of query heads
+    (n_kv_heads == n_heads: MHA, 1: MQA, in between: GQA), optional QK-norm, the positions of
+    POSITIONS[cfg.positions] and an optional sliding window."""
+
+    qk_split = 1  # pieces each head's query and key are split into (differential attention: 2)
+    compiles_fullgraph = True  # torch.compile(fullgraph=True) traces it (checked by tests/test_contracts.py)
+
+    def __init__(self, cfg, layer_index: int = 0):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qk_dim = cfg.head_dim // self.qk_split
+        self.layer_index = layer_index  # which entry of the KV cache is ours
+        self.split = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+        self.qkv = nn.Linear(cfg.dim, sum(self.split), bias=cfg.bias)  # one matmul for q, k and v
+        self.qkv.output_split = self.split  # three projections (Muon orthogonalises each alone)
+        self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
+        self.out.residual_projection = True  # scaled init (see Model.init_weights)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, layer_index, self.qk_dim)
+            self.k_norm = make_norm(cfg, layer_index, self.qk_dim)
+        qk_cfg = copy.copy(cfg)
+        qk_cfg.head_dim = self.qk_dim  # positions act on the query and key pieces
+        self.positions = POSITIONS[cfg.positions](qk_cfg, layer_index)
+        self.mask_spec = MaskSpec(cfg.sliding_window, self.positions.score_bias)
+        self.dropout = cfg.attn_dropout
+
+    def project(self, x, ctx: Context):
+        """Queries (B, heads * qk_split, T, qk_dim), and keys (B, kv_heads * qk_split, S, qk_dim) and values
+        (B, kv_heads, S, head_dim) of every slot so far: normed, positioned and cached."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, -1, self.qk_dim).transpose(1, 2)
+        k = k.view(B, T, -1, self.qk_dim).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.positions(q, k, ctx)
+        if ctx.cache is not None:
+            k, v = ctx.cache.write(self.layer_index, k, v)
+        return q, k, v
+
+    def mix(self, q, k, v, ctx: Context) -> torch.Tensor:
+        """The values mixed by attention, (B, heads, T, head_dim)."""
+        return attend(q, k, v, ctx, self.mask_spec, self.dropout if self.training else 0.0)
+
+    @log_io
+    def forward(self, x, ctx: Context | None = None):
+        """x: (B, T, dim). ctx: the forward's Context (None: x alone, positions from 0, no cache)."""
+        ctx = Context.of(x) if ctx is None else ctx
+        B, T, _ = x.shape
+        y = self.mix(*self.project(x, ctx), ctx)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attention_maps(self, x, ctx: Context | None = None):
+        """(forward's output, [the softmax weights (B, heads, T, S) of each kernel call]), computed by the
+        kernel in its explicit form with the very masks forward uses."""
+        ctx = Context.of(x) if ctx is None else ctx
+        if ctx.cache is not None:
+            raise ValueError("attention maps are computed without a KV cache: pass the context of an uncached forward")
+        ctx = dataclasses.replace(ctx, weights=[], memo={})
+        return self.forward(x, ctx), ctx.weights
+
+    def attention_probabilities(self, x, ctx: Context | None = None) -> torch.Tensor:
+        """The (B, heads, T, S) attention weights that forward's kernels never materialise, for looking at."""
+        return self.combine_maps(self.attention_maps(x, ctx)[1])
+
+    def combine_maps(self, maps: list) -> torch.Tensor:
+        """The weights each value gets, from the softmax maps of this module's kernel calls."""
+        return maps[0]
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token of scores and mixing (forward and backward: 6 per multiply-add)."""
+        attended = min(seq_len, self.mask_spec.window or seq_len)
+        return 6 * attended * self.n_heads * self.head_dim * (1 + self.qk_split)
+
+    def make_cache(self, batch_size: int, max_len: int, dtype=torch.float32, device=None) -> LayerKV:
+        """This layer's entry of the KV cache: keys and values as `project` returns them."""
+        return LayerKV(batch_size, max_len, (self.n_kv_heads * self.qk_split, self.qk_dim),
+                       (self.n_kv_heads, self.head_dim), dtype, device)
+
+
+class DifferentialAttention(CausalSelfAttention):
+    """Differential attention (Ye et al. 2024, "Differential Transformer"): each head splits its query and
+    key into two halves and mixes values by the difference of their two softmax maps,
+    softmax(q1 k1^T) - lambda softmax(q2 k2^T), cancelling the attention noise both share. lambda =
+    exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init is learned per layer; each head's output is normed (the
+    config's norm over head_dim) and scaled by 1 - lambda_init. lambda_init is diff_lambda_init, or the
+    paper's 0.8 - 0.6 exp(-0.3 layer_index). Same weights as causal attention but four small vectors."""
+
+    qk_split = 2
+
+    def __init__(self, cfg, layer_index: int = 0):
+        super().__init__(cfg, layer_index)
+        depth_schedule = 0.8 - 0.6 * math.exp(-0.3 * layer_index)
+        self.lambda_init = depth_schedule if cfg.diff_lambda_init is None else cfg.diff_lambda_init
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+            nn.Parameter(torch.randn(self.qk_dim) * 0.1) for _ in range(4))
+        self.head_norm = make_norm(cfg, layer_index, cfg.head_dim)
+
+    @staticmethod
+    def check_config(cfg):
+        if cfg.head_dim % 4:
+            raise ValueError(f"head_dim={cfg.head_dim} is not valid: differential attention needs a multiple of 4 "
+                             f"(two halves, each even for rotary positions)")
+        if cfg.diff_lambda_init is not None and not 0 <= cfg.diff_lambda_init < 1:
+            raise ValueError(f"diff_lambda_init={cfg.diff_lambda_init!r} is not valid: must be None or in [0, 1)")
+
+    def lambda_(self):
+        return (torch.exp(self.lambda_q1 @ self.lambda_k1) - torch.exp(self.lambda_q2 @ self.lambda_k2)
+                + self.lambda_init)
+
+    def mix(self, q, k, v, ctx: Context) -> torch.Tensor:
+        (q1, q2), (k1, k2) = q.unflatten(1, (-1, 2)).unbind(2), k.unflatten(1, (-1, 2)).unbind(2)
+        dropout = self.dropout if self.training else 0.0
+        first = attend(q1, k1, v, ctx, self.mask_spec, dropout)
+        second = attend(q2, k2, v, ctx, self.mask_spec, dropout)
+        return self.head_norm(first - self.lambda_() * second) * (1 - self.lambda_init)
+
+    def combine_maps(self, maps: list) -> torch.Tensor:
+        return maps[0] - self.lambda_() * maps[1]
 
 
 ATTENTIONS = {
     "causal": CausalSelfAttention,
+    "differential": DifferentialAttention,
 }

@@ -1,19 +1,17 @@
-"""The residual block: attention then MLP, each wrapped in norms by `norm_placement`:
+"""The residual block: attention then MLP, each wrapped in norms by `norm_placement`, a key of NORM_PLACEMENTS:
 
-    pre      (GPT-2, Llama)  x = x + f(norm(x))
+    pre      (GPT-2, Llama)          x = x + f(norm(x))
     post     (original Transformer)  x = norm(x + f(x))
-    sandwich (CogView, Gemma 2)  x = x + post_norm(f(norm(x)))
+    sandwich (CogView, Gemma 2)      x = x + post_norm(f(norm(x)))
+
+Add a placement: one subclass of Layer with its forward, and one line in NORM_PLACEMENTS.
 """
 from torch import nn
 
 from modules.attention import ATTENTIONS
 from modules.logging import LoggingModule, log_io
 from modules.mlp import MLPS
-from modules.norm import NORMS
-
-
-def make_norm(cfg, dim=None):
-    return NORMS[cfg.norm](dim or cfg.dim, cfg.norm_eps, cfg.norm_affine, cfg.norm_bias)
+from modules.norm import make_norm
 
 
 def make_dropout(p):
@@ -22,25 +20,46 @@ def make_dropout(p):
 
 
 class Layer(LoggingModule):
-    def __init__(self, cfg, index: int = 0):
+    """The parts every placement has: attention and MLP from their registries, a norm for each, and
+    dropout on each block's output before it joins the residual stream."""
+
+    def __init__(self, cfg, layer_index: int = 0):
         super().__init__()
-        self.norm_placement = cfg.norm_placement
-        self.attention_norm = make_norm(cfg)
-        self.attention = ATTENTIONS[cfg.attention](cfg, index)
-        self.mlp_norm = make_norm(cfg)
-        self.mlp = MLPS[cfg.mlp](cfg)
-        if cfg.norm_placement == "sandwich":
-            self.attention_post_norm = make_norm(cfg)
-            self.mlp_post_norm = make_norm(cfg)
+        self.attention_norm = make_norm(cfg, layer_index)
+        self.attention = ATTENTIONS[cfg.attention](cfg, layer_index)
+        self.mlp_norm = make_norm(cfg, layer_index)
+        self.mlp = MLPS[cfg.mlp](cfg, layer_index)
         self.resid_dropout = make_dropout(cfg.resid_dropout)
 
+
+class PreNorm(Layer):
     @log_io
-    def forward(self, x, rope=None, mask=None, cache=None):
-        if self.norm_placement == "pre":
-            x = x + self.resid_dropout(self.attention(self.attention_norm(x), rope, mask, cache))
-            return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
-        if self.norm_placement == "post":
-            x = self.attention_norm(x + self.resid_dropout(self.attention(x, rope, mask, cache)))
-            return self.mlp_norm(x + self.resid_dropout(self.mlp(x)))
-        x = x + self.resid_dropout(self.attention_post_norm(self.attention(self.attention_norm(x), rope, mask, cache)))
+    def forward(self, x, ctx=None):
+        x = x + self.resid_dropout(self.attention(self.attention_norm(x), ctx))
+        return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+
+
+class PostNorm(Layer):
+    @log_io
+    def forward(self, x, ctx=None):
+        x = self.attention_norm(x + self.resid_dropout(self.attention(x, ctx)))
+        return self.mlp_norm(x + self.resid_dropout(self.mlp(x)))
+
+
+class SandwichNorm(Layer):
+    def __init__(self, cfg, layer_index: int = 0):
+        super().__init__(cfg, layer_index)
+        self.attention_post_norm = make_norm(cfg, layer_index)
+        self.mlp_post_norm = make_norm(cfg, layer_index)
+
+    @log_io
+    def forward(self, x, ctx=None):
+        x = x + self.resid_dropout(self.attention_post_norm(self.attention(self.attention_norm(x), ctx)))
         return x + self.resid_dropout(self.mlp_post_norm(self.mlp(self.mlp_norm(x))))
+
+
+NORM_PLACEMENTS = {
+    "pre": PreNorm,
+    "post": PostNorm,
+    "sandwich": SandwichNorm,
+}

@@ -1,5 +1,5 @@
 """Feed-forward blocks. Add an activation: one function and one line in ACTIVATIONS;
-add an MLP variant: one class and one line in MLPS."""
+add an MLP variant: one class, built as Cls(cfg, layer_index), and one line in MLPS."""
 import functools
 
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ ACTIVATIONS = {
 class MLP(LoggingModule):
     """down(act(up(x)))."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_index: int | None = None):
         super().__init__()
         self.up = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=cfg.bias)
         self.down = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=cfg.bias)
@@ -41,7 +41,7 @@ class GatedMLP(LoggingModule):
     """down(act(gate(x)) * up(x)), a GLU (Shazeer 2020); with silu it is Llama's SwiGLU.
     Gate and up projections are one matrix, [gate; up], so that one matmul computes both."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_index: int | None = None):
         super().__init__()
         self.up = nn.Linear(cfg.dim, 2 * cfg.mlp_hidden, bias=cfg.bias)
         self.up.output_split = [cfg.mlp_hidden, cfg.mlp_hidden]  # gate and up: two projections

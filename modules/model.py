@@ -1,13 +1,21 @@
-"""The language model: token embedding, optional learned positions, layers, final norm, head."""
+"""The language model: token embedding, the positions' input embedding if any, layers, final norm, head.
+
+Every layer is built from its own resolved config (cfg.layer(i)), so any per-layer choice may differ.
+Once per forward the model makes the Context that layers share (positions, documents, padding, the
+KV cache's step); each attention module builds its own mask from it.
+"""
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.attention import KVCache, Rotary, causal_mask, document_block_mask
-from modules.layer import Layer, make_dropout, make_norm
+from modules.cache import KVCache
+from modules.context import Context, document_positions, padded_positions
+from modules.layer import NORM_PLACEMENTS, make_dropout
 from modules.logging import LoggingModule, log_io
+from modules.norm import make_norm
+from modules.positions import POSITIONS
 
 IGNORE_INDEX = -100  # targets with this value (padding) add nothing to the loss
 
@@ -17,12 +25,10 @@ class Model(LoggingModule):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos_embed = nn.Embedding(cfg.context_length, cfg.dim) if cfg.positions == "learned" else None
-        self.rotary = None
-        if cfg.positions == "rope":
-            self.rotary = Rotary(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_scaling)
+        self.pos_embed = POSITIONS[cfg.positions].input_embedding(cfg)
         self.embed_dropout = make_dropout(cfg.embed_dropout)
-        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.n_layers))
+        layers = [cfg.layer(i) for i in range(cfg.n_layers)]
+        self.layers = nn.ModuleList(NORM_PLACEMENTS[c.norm_placement](c, i) for i, c in enumerate(layers))
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -31,7 +37,8 @@ class Model(LoggingModule):
 
     def init_weights(self):
         """GPT-2 init: N(0, init_std) for matrices and embeddings, zero biases, and residual
-        projections scaled by 1/sqrt(2 n_layers) so the residual stream does not grow with depth."""
+        projections scaled by 1/sqrt(2 n_layers) so the residual stream does not grow with depth.
+        Other parameters keep the initial values their modules gave them."""
         std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -48,23 +55,19 @@ class Model(LoggingModule):
         """input_ids, targets: (B, T) token ids; targets equal to IGNORE_INDEX are skipped by the loss.
         doc_ids: (B, T) document of each token; tokens then attend only within their document and
         positions restart at each document. padding_mask: (B, T), False at (left) padding.
-        cache: generation state, extended in place. last_logits_only: logits (B, 1, vocab) of the last
-        position only, all that generation needs. Returns (logits (B, T, vocab), loss or None)."""
-        B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.context_length:
-            raise ValueError(f"{start + T} tokens exceed the model's context_length={self.cfg.context_length}")
-        positions, mask = self.positions_and_mask(T, doc_ids, padding_mask, cache, input_ids.device)
+        cache: generation state, extended by this step. last_logits_only: logits (B, 1, vocab) of the
+        last position only, all that generation needs. Returns (logits (B, T, vocab), loss or None)."""
+        self.check_input(input_ids, doc_ids, cache)
+        step = cache.begin(input_ids.shape[1], padding_mask) if cache is not None else None
+        ctx = self.context(input_ids, doc_ids, padding_mask, cache, step)
         x = self.embed(input_ids)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(positions, positions + T, device=x.device)
-                                   if isinstance(positions, int) else positions)
+            x = x + self.pos_embed(ctx.position_ids())
         x = self.embed_dropout(x)
-        rope = self.rotary(positions, T) if self.rotary is not None else None
         for layer in self.layers:
-            x = layer(x, rope, mask, cache)
+            x = layer(x, ctx)
         if cache is not None:
-            cache.length += T
+            cache.end()
         if last_logits_only:
             x = x[:, -1:]
         logits = self.head(self.norm(x))
@@ -75,48 +78,32 @@ class Model(LoggingModule):
             loss = F.cross_entropy(logits32, targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
-    def positions_and_mask(self, T, doc_ids, padding_mask, cache, device):
-        """Positions (an int offset when the whole batch shares them, else (B, T)) and the attention
-        mask (None when plain causal suffices)."""
-        window = self.cfg.sliding_window
-        if cache is None:
-            if doc_ids is not None:
-                # Positions restart at each document: index minus the index where its document began.
-                index = torch.arange(T, device=device).expand_as(doc_ids)
-                starts = torch.ones_like(doc_ids, dtype=torch.bool)
-                starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-                positions = index - torch.where(starts, index, 0).cummax(dim=1).values
-                if doc_ids.is_cuda and padding_mask is None:  # FlexAttention skips the masked blocks
-                    return positions, document_block_mask(doc_ids, window)
-                return positions, causal_mask(T, 0, window, padding_mask, doc_ids, device)
-            if padding_mask is not None:
-                positions = (padding_mask.long().cumsum(1) - 1).clamp(min=0)
-                return positions, causal_mask(T, 0, window, padding_mask, device=device)
-            return 0, causal_mask(T, 0, window, device=device) if window is not None else None
-        if doc_ids is not None:
+    def check_input(self, input_ids, doc_ids, cache):
+        start = cache.length if cache is not None else 0
+        if start + input_ids.shape[1] > self.cfg.context_length:
+            raise ValueError(f"{start + input_ids.shape[1]} tokens exceed the model's "
+                             f"context_length={self.cfg.context_length}")
+        if cache is not None and doc_ids is not None:
             raise ValueError("doc_ids is for training; generation with a cache takes padding_mask")
-        start = cache.length
+
+    def context(self, input_ids, doc_ids, padding_mask, cache, step) -> Context:
+        """What every layer may need in this forward (with a cache: the slots and positions of its open step)."""
+        T, device = input_ids.shape[1], input_ids.device
+        if step is not None:
+            return Context(T, step.positions, step.start, key_valid=step.key_valid, cache=cache, device=device)
+        if doc_ids is not None:  # positions restart at each document; on CUDA FlexAttention skips masked blocks
+            return Context(T, document_positions(doc_ids), doc_ids=doc_ids, key_valid=padding_mask, device=device,
+                           flex=doc_ids.is_cuda and padding_mask is None)
         if padding_mask is not None:
-            cache.key_valid[:, start:start + T] = padding_mask
-            cache.padded = cache.padded or not bool(padding_mask.all())
-        if cache.padded:
-            valid = cache.key_valid[:, start:start + T]
-            positions = (cache.next_position[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
-            cache.next_position += valid.sum(1)
-        else:
-            positions = start
-            cache.next_position += T
-        needs_mask = cache.padded or window is not None and start + T > window or (T > 1 and start > 0)
-        mask = causal_mask(T, start, window, cache.key_valid[:, :start + T] if cache.padded else None, device=device) \
-            if needs_mask else None
-        return positions, mask
+            return Context(T, padded_positions(padding_mask), key_valid=padding_mask, device=device)
+        return Context(T, device=device)
 
     def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` tokens (default: the context)."""
         max_len = max_len or self.cfg.context_length
         weight = self.embed.weight
-        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, self.cfg.head_dim, max_len,
-                       dtype=weight.dtype, device=weight.device)
+        layers = [layer.attention.make_cache(batch_size, max_len, weight.dtype, weight.device) for layer in self.layers]
+        return KVCache(layers, batch_size, max_len, weight.device)
 
     def n_params(self, embeddings: bool = True) -> int:
         """Parameters, counting a tied matrix once. Without embeddings: also without the token and
@@ -125,15 +112,14 @@ class Model(LoggingModule):
         if not embeddings:
             n -= self.embed.weight.numel()
             if self.pos_embed is not None:
-                n -= self.pos_embed.weight.numel()
+                n -= sum(p.numel() for p in self.pos_embed.parameters())
             if not self.cfg.tie_embeddings:
                 n -= self.head.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward and backward, PaLM appendix B): 6 per weight used in a
-        matmul (the layers and the head) plus 12 * layers * heads * head_dim * attended length."""
-        cfg = self.cfg
-        attended = min(seq_len or cfg.context_length, cfg.sliding_window or math.inf)
+        matmul (the layers and the head) plus each layer's attention over the keys it attends to."""
+        seq_len = seq_len or self.cfg.context_length
         matmul_weights = self.n_params(embeddings=False) + self.head.weight.numel()
-        return 6 * matmul_weights + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * attended
+        return 6 * matmul_weights + sum(layer.attention.flops_per_token(seq_len) for layer in self.layers)

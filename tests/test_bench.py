@@ -6,13 +6,13 @@ import re
 
 import pytest
 import torch
-from conftest import ROOT
 
 import bench
-from toolkit import data
 from config import ModelConfig
+from conftest import ROOT
 from modules.mlp import ACTIVATIONS
 from modules.model import Model
+from toolkit import data
 
 DIMS = {"vocab_size": 512, "context_length": 32, "dim": 32, "n_layers": 2, "n_heads": 4}
 KV_HEADS = {"gpt2": 4, "llama": 2}

@@ -14,8 +14,19 @@ import torch
 from config import ConfigError, ModelConfig, TrainConfig
 from conftest import ROOT
 from toolkit import checkpoint, data
-from toolkit.data import (EMBEDDED, Batches, DataError, TokenData, is_validation, prepare_data, read_documents,
-                          read_text, resolve, split_documents, validation_batches)
+from toolkit.data import (
+    EMBEDDED,
+    Batches,
+    DataError,
+    TokenData,
+    is_validation,
+    prepare_data,
+    read_documents,
+    read_text,
+    resolve,
+    split_documents,
+    validation_batches,
+)
 from toolkit.tokenizer import TOKENIZERS_DIR, load_tokenizer
 
 DOCS = ["Once upon a time there was a cat.\nIt liked milk.", "A dog ran.", "Ünïcode 😀 story\n\nwith a blank line."]

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_trainer import corpus
 
 import experiment as experiment_script
 import inference
@@ -18,10 +19,16 @@ import model_comparison
 import tools
 from config import ConfigError, TrainConfig
 from conftest import ROOT
-from test_trainer import corpus
 from toolkit import checkpoint, data, report, stats, trainer
-from toolkit.experiment import (Experiment, ExperimentError, Interrupted, execute_run, reached_end, run_experiment,
-                                run_spec)
+from toolkit.experiment import (
+    Experiment,
+    ExperimentError,
+    Interrupted,
+    execute_run,
+    reached_end,
+    run_experiment,
+    run_spec,
+)
 from toolkit.metrics import score, text_batches, token_byte_lengths
 
 TINY_MODEL = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "context_length": 32}

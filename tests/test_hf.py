@@ -127,12 +127,58 @@ def test_project_presets_export_with_equal_logits(preset, tmp_path):
     assert max_logit_difference(hf_model, model, ids) <= 1e-4
 
 
-@pytest.mark.parametrize("field, value", [("norm_placement", "post"), ("qk_norm", True), ("sliding_window", 8),
-                                          ("positions", "none")])
-def test_export_names_the_field_without_equivalent(field, value):
-    cfg = ModelConfig.preset("llama3-1m", **{field: value})
-    with pytest.raises(ValueError, match=field):
+WINDOWED = {  # what Llama cannot hold, and the architecture that holds it exactly
+    "global window: Mistral": ("MistralForCausalLM", dict(sliding_window=5)),
+    "qk-norm: Qwen3": ("Qwen3ForCausalLM", dict(qk_norm=True)),
+    "gemma-2 pattern + qk-norm: Qwen3 layer_types": ("Qwen3ForCausalLM",
+                                                      dict(qk_norm=True, layers={"::2": {"sliding_window": 5}})),
+    "window + qk-norm without scales + llama3.1 scaling: Qwen3": ("Qwen3ForCausalLM", dict(
+        qk_norm=True, sliding_window=6, norm_affine=False, rope_scaling={
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+}
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_windows_and_qk_norm_export_through_mistral_and_qwen3(name, tmp_path):
+    architecture, overrides = WINDOWED[name]
+    cfg = ModelConfig.preset("llama3-1m", vocab_size=97, context_length=32, dim=32, n_layers=3, **overrides)
+    torch.manual_seed(0)
+    model = Model(cfg).eval()
+    with torch.no_grad():  # norm scales away from 1, so that a QK-norm lost in export would show
+        for param_name, p in model.named_parameters():
+            if "norm" in param_name:
+                p.add_(torch.randn_like(p) * 0.2)
+    export_hf(model, tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf_model).__name__ == architecture
+    ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
+    assert max_logit_difference(hf_model, model, ids) <= 1e-5
+    # The windows matter on 32 tokens: the same weights without them give other logits.
+    if "window" in name or "pattern" in name:
+        unwindowed = Model(ModelConfig.preset("llama3-1m", vocab_size=97, context_length=32, dim=32, n_layers=3,
+                                              qk_norm=cfg.qk_norm, norm_affine=cfg.norm_affine,
+                                              rope_scaling=cfg.rope_scaling)).eval()
+        unwindowed.load_state_dict(model.state_dict())
+        assert max_logit_difference(hf_model, unwindowed, ids) > 1e-3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(norm_placement="post"), "norm_placement='post' has no Llama equivalent"),
+    (dict(positions="none"), "positions='none' maps to neither"),
+    (dict(attention="differential"), "attention='differential' has no Llama equivalent"),
+    (dict(qk_norm=True, norm="dyt"), "norm='dyt' has no Qwen3 equivalent"),
+    (dict(sliding_window=8, bias=True), "bias=True has no Mistral equivalent"),
+    (dict(layers={"1": {"n_kv_heads": 1}}), "layer 1 has n_kv_heads=1 where the model has 2; no transformers"),
+    (dict(qk_norm=True, layers={"0": {"sliding_window": 4}, "1": {"sliding_window": 8}}), "windows of several sizes"),
+    (dict(layers={"::2": {"sliding_window": 4}}), "a sliding window on some layers only exports through Qwen3"),
+    (dict(preset="gpt2-1m", sliding_window=8), "positions='learned' has no Mistral equivalent"),
+])
+def test_export_refuses_in_one_line_what_no_architecture_holds(overrides, message):
+    overrides = {"preset": "llama3-1m", **overrides}
+    cfg = ModelConfig.preset(overrides.pop("preset"), **overrides)
+    with pytest.raises(ValueError) as error:
         hf_config_for(cfg)
+    assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_missing_directory_and_offline_hub_give_one_line_errors(tmp_path, monkeypatch):

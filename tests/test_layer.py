@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from config import ModelConfig
-from modules.layer import Layer
+from modules.layer import NORM_PLACEMENTS
 
 
 def layer(placement, **overrides):
     torch.manual_seed(0)
     cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2, positions="none", norm_placement=placement, **overrides)
-    block = Layer(cfg)
+    block = NORM_PLACEMENTS[placement](cfg, 0)
     with torch.no_grad():  # non-trivial norm scales, so that a swapped norm would show
         for name, p in block.named_parameters():
             if "norm" in name:

@@ -14,15 +14,16 @@ def two_layer_model():
 
 EXPECTED_TREE = [
     (0, "", "Model.forward"),
-    (1, "rotary", "Rotary.forward"),
-    (1, "layers.0", "Layer.forward"),
+    (1, "layers.0", "PreNorm.forward"),
     (2, "layers.0.attention_norm", "RMSNorm.forward"),
     (2, "layers.0.attention", "CausalSelfAttention.forward"),
+    (3, "layers.0.attention.positions", "Rope.forward"),
     (2, "layers.0.mlp_norm", "RMSNorm.forward"),
     (2, "layers.0.mlp", "GatedMLP.forward"),
-    (1, "layers.1", "Layer.forward"),
+    (1, "layers.1", "PreNorm.forward"),
     (2, "layers.1.attention_norm", "RMSNorm.forward"),
     (2, "layers.1.attention", "CausalSelfAttention.forward"),
+    (3, "layers.1.attention.positions", "Rope.forward"),
     (2, "layers.1.mlp_norm", "RMSNorm.forward"),
     (2, "layers.1.mlp", "GatedMLP.forward"),
     (1, "norm", "RMSNorm.forward"),
@@ -37,18 +38,19 @@ def test_two_layer_model_tree_as_data_and_text():
         logits, loss = model(ids, ids)
     assert [(r.depth, r.path, f"{r.module}.{r.method}") for r in log.records] == EXPECTED_TREE
 
-    root, rotary, layer, attention = log.records[0], log.records[1], log.records[2], log.records[4]
+    root, layer, attention, rope = log.records[0], log.records[1], log.records[3], log.records[4]
     assert root.inputs["input_ids"] == TensorInfo((2, 8), "int64", "cpu")
     assert root.outputs["logits"] == TensorInfo((2, 8, 50), "float32", "cpu")
     assert root.outputs["loss"] == TensorInfo((), "float32", "cpu")
-    assert rotary.inputs == {"positions": "0", "length": "8"}
-    assert rotary.outputs == {"cos": TensorInfo((8, 4), "float32", "cpu"), "sin": TensorInfo((8, 4), "float32", "cpu")}
-    assert layer.inputs["x"].shape == (2, 8, 32) and layer.inputs["mask"] == "None"
+    # Queries (batch, 4 heads, 8 tokens, head_dim 8) and keys of 2 key/value heads, rotated in place.
+    assert rope.inputs["q"] == rope.outputs["q"] == TensorInfo((2, 4, 8, 8), "float32", "cpu")
+    assert rope.inputs["k"] == rope.outputs["k"] == TensorInfo((2, 2, 8, 8), "float32", "cpu")
+    assert layer.inputs["x"].shape == (2, 8, 32) and layer.inputs["ctx"] == "Context(T=8, positions=0, start=0)"
     assert attention.outputs == {"output": TensorInfo((2, 8, 32), "float32", "cpu")}
 
     assert printed == log.lines and printed[0] == "Model.forward"
     assert "  in  input_ids: (2, 8) int64 cpu" in printed
-    assert "    layers.0: Layer.forward" in printed
+    assert "    layers.0: PreNorm.forward" in printed
     assert "        layers.0.mlp: GatedMLP.forward" in printed
     assert printed[-1] == "  out loss: () float32 cpu"
 

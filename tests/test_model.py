@@ -1,18 +1,23 @@
 """The whole model: loss at init, overfitting, determinism, causality, masks, counts, registration."""
+import json
 import math
 
 import pytest
 import torch
 
-from config import ModelConfig
+from config import FORMAT_VERSION, ModelConfig
+from conftest import ROOT
+from modules.attention import ATTENTIONS, CausalSelfAttention
 from modules.model import IGNORE_INDEX, Model
 from modules.norm import NORMS, Norm
+from toolkit.checkpoint import load_checkpoint, save_model
 
 VARIANTS = {
     "gpt2": dict(preset="gpt2-1m"),
     "llama3": dict(preset="llama3-1m"),
     "mqa+qknorm+window": dict(preset="llama3-1m", n_kv_heads=1, qk_norm=True, sliding_window=5),
-    "sandwich+cosinenorm+relu2": dict(preset="llama3-1m", norm_placement="sandwich", norm="cosinenorm", mlp="plain", activation="relu2"),
+    "sandwich+cosinenorm+relu2": dict(preset="llama3-1m", norm_placement="sandwich", norm="cosinenorm", mlp="plain",
+                                      activation="relu2"),
     "post+nopos+bias": dict(preset="gpt2-1m", norm_placement="post", positions="none"),
 }
 
@@ -126,6 +131,65 @@ def test_loss_ignores_padding_targets():
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def test_compiled_model_takes_new_lengths():
+    """A second and third length make torch.compile trace with a symbolic length (as a last short batch
+    or an evaluation at another length does in training); the graph stays whole and exact."""
+    model = make("llama3")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for T in (16, 12, 9):
+        ids = torch.randint(0, 211, (2, T))
+        assert torch.allclose(compiled(ids, ids)[1], model(ids, ids)[1], atol=1e-6)
+
+
+def test_a_failed_cache_step_changes_nothing(monkeypatch):
+    """Only the end of a step fills the cache: a forward that fails half-way leaves it as it was (left
+    padding and positions included), and the retried step gives the uncached logits."""
+    model = make("llama3").eval()
+    ids = torch.randint(0, 211, (2, 10))
+    padding_mask = torch.arange(8)[None] >= torch.tensor([[0], [3]])
+    cache = model.make_cache(2)
+    model(ids[:, :8], padding_mask=padding_mask, cache=cache)
+    state = (cache.length, cache.next_position.clone(), cache.key_valid.clone(), cache.padded)
+    monkeypatch.setattr(model.layers[1], "forward", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        model(ids[:, 8:10], cache=cache)
+    assert (cache.length, cache.padded) == (state[0], state[3]) and torch.equal(cache.next_position, state[1])
+    assert torch.equal(cache.key_valid, state[2]) and state[0] == 8 and state[1].tolist() == [8, 5]
+    monkeypatch.undo()
+    retried = model(ids[:, 8:10], cache=cache)[0]
+    full_mask = torch.cat([padding_mask, torch.ones(2, 2, dtype=torch.bool)], 1)
+    assert torch.allclose(retried, model(ids, padding_mask=full_mask)[0][:, 8:], atol=1e-5)
+    assert cache.length == 10 and cache.next_position.tolist() == [10, 7]
+
+
+def test_an_attention_variant_can_bring_its_own_cache_layout(monkeypatch):
+    """The cache asks each attention module for its entry: a layout slot-major instead of head-major
+    needs only make_cache, and cached logits still equal uncached ones."""
+    class SlotMajorKV:
+        def __init__(self, batch_size, max_len, key_shape, value_shape, dtype, device):
+            self.keys = torch.zeros(batch_size, max_len, *key_shape, dtype=dtype, device=device)
+            self.values = torch.zeros(batch_size, max_len, *value_shape, dtype=dtype, device=device)
+
+        def write(self, k, v, start):
+            end = start + k.shape[2]
+            self.keys[:, start:end], self.values[:, start:end] = k.transpose(1, 2), v.transpose(1, 2)
+            return self.keys[:, :end].transpose(1, 2), self.values[:, :end].transpose(1, 2)
+
+    class SlotMajorAttention(CausalSelfAttention):
+        def make_cache(self, batch_size, max_len, dtype=torch.float32, device=None):
+            return SlotMajorKV(batch_size, max_len, (self.n_kv_heads, self.head_dim),
+                               (self.n_kv_heads, self.head_dim), dtype, device)
+
+    monkeypatch.setitem(ATTENTIONS, "slot_major", SlotMajorAttention)
+    model = make("llama3", attention="slot_major").eval()
+    ids = torch.randint(0, 211, (2, 12))
+    cache = model.make_cache(2)
+    steps = [model(ids[:, :7], cache=cache)[0]] + [model(ids[:, t:t + 1], cache=cache)[0] for t in range(7, 12)]
+    assert isinstance(cache.layers[0], SlotMajorKV) and cache.layers[0].keys.shape == (2, 32, 2, 8)
+    assert torch.allclose(torch.cat(steps, 1), model(ids)[0], atol=1e-5)
+
+
 def test_context_length_is_enforced():
     model = make("gpt2")
     with pytest.raises(ValueError, match="context_length=32"):
@@ -150,6 +214,36 @@ def test_parameter_counts_and_flops():
     assert llama.n_params() - llama.n_params(embeddings=False) == 2 * V * d
 
 
+def test_per_layer_parameter_counts_and_flops():
+    """Each layer counts its own shape: layer 0 with one key/value head and a 100-wide MLP, layer 1 windowed."""
+    cfg = ModelConfig.preset("llama3-1m", n_layers=2, layers={"0": {"n_kv_heads": 1, "mlp_hidden": 100},
+                                                               "1": {"sliding_window": 16}})
+    model = Model(cfg)
+    d, V, T, H, D = 128, 2048, 256, 4, 32
+
+    def layer(kv_heads, hidden):  # qkv, out, gated MLP (up holds gate and up), two norms; no biases
+        return d * (H + 2 * kv_heads) * D + H * D * d + d * 2 * hidden + hidden * d + 2 * d
+
+    weights = layer(1, 100) + layer(2, 341) + d
+    assert model.n_params(embeddings=False) == weights and model.n_params() == weights + 2 * V * d
+    attention = 12 * H * D * T + 12 * H * D * 16  # layer 1 attends to 16 keys, not 256
+    assert model.flops_per_token() == 6 * (weights + V * d) + attention
+
+
+def test_a_per_layer_model_is_its_layers_composed():
+    """A model whose layer 0 is windowed and has no positions computes exactly what layer 0 of a uniform
+    model of that kind, then layer 1 of a plain one, compute on the same weights."""
+    per_layer = make("llama3", layers={"0": {"sliding_window": 3, "positions": "none"}})
+    windowed, plain = make("llama3", sliding_window=3, positions="none"), make("llama3")
+    windowed.load_state_dict(per_layer.state_dict())
+    plain.load_state_dict(per_layer.state_dict())
+    ids = torch.randint(0, 211, (2, 12))
+    x = windowed.layers[0](per_layer.embed(ids))
+    expected = per_layer.head(per_layer.norm(plain.layers[1](x)))
+    assert torch.allclose(per_layer(ids)[0], expected, atol=1e-6)
+    assert not torch.allclose(plain(ids)[0], expected, atol=1e-3)  # and the per-layer choice does matter
+
+
 def test_scaled_init():
     torch.manual_seed(0)
     model = Model(ModelConfig.preset("gpt2-1m", n_layers=8))
@@ -168,3 +262,30 @@ def test_a_new_norm_is_one_class_and_one_registry_line(monkeypatch):
     model = Model(small("llama3-1m", norm="scalenorm"))
     assert isinstance(model.norm, ScaleNorm)
     assert torch.isfinite(model(torch.randint(0, 211, (1, 8)))[0]).all()
+
+
+# logits[1, -1, :4] and the float64 sum of all logits of each shipped model on SHIPPED_IDS, computed by the
+# code before the per-layer redesign (commit fefa8d7) from the same files.
+SHIPPED_IDS = torch.arange(1, 65).reshape(2, 32) * 31 % 2048
+SHIPPED = {
+    "GPT2_1m_atto": (["-0x1.0dd65c0000000p+3", "-0x1.af7a6e0000000p+1", "-0x1.f96d4c0000000p+0",
+                      "-0x1.0ba9100000000p+3"], -258437.9381769787),
+    "Llama3_1m_atto": (["-0x1.88b4b20000000p+2", "-0x1.904c760000000p+1", "-0x1.d5bbd20000000p+0",
+                        "-0x1.9f721c0000000p+2"], -273728.3372321011),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_models_saved_before_the_redesign_give_bit_identical_logits(name, tmp_path):
+    """The shipped models' model_config.json predates format versions (format 1): it is migrated on load,
+    and the logits are the very bits the old code computed. Saving again writes today's format."""
+    directory = ROOT / "trained" / name
+    assert "format_version" not in json.loads((directory / "model_config.json").read_text())
+    model, _ = load_checkpoint(directory)
+    with torch.no_grad():
+        logits = model(SHIPPED_IDS)[0]
+    values, total = SHIPPED[name]
+    assert [float.hex(v) for v in logits[1, -1, :4].tolist()] == values
+    assert logits.double().sum().item() == total
+    save_model(model, tmp_path)
+    assert json.loads((tmp_path / "model_config.json").read_text())["format_version"] == FORMAT_VERSION

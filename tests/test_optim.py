@@ -8,8 +8,16 @@ from torch import nn
 
 from config import ModelConfig, TrainConfig
 from modules.model import Model
-from toolkit.optim import (OPTIMIZERS, Muon, make_optimizer, muon_lr_ratio, orthogonalize, output_splits,
-                           parameter_roles, set_learning_rate)
+from toolkit.optim import (
+    OPTIMIZERS,
+    Muon,
+    make_optimizer,
+    muon_lr_ratio,
+    orthogonalize,
+    output_splits,
+    parameter_roles,
+    set_learning_rate,
+)
 
 CPU = torch.device("cpu")
 

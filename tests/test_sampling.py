@@ -2,8 +2,15 @@
 import pytest
 import torch
 
-from toolkit.sampling import (apply_repetition_penalty, apply_temperature, draw, min_p_filter, sample,
-                              top_k_filter, top_p_filter)
+from toolkit.sampling import (
+    apply_repetition_penalty,
+    apply_temperature,
+    draw,
+    min_p_filter,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
 
 PROBS = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
 LOGITS = PROBS.log()

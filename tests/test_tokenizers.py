@@ -22,10 +22,22 @@ from toolkit import checkpoint, data
 from toolkit.checkpoint import MODEL_CONFIG, save_model
 from toolkit.data import read_documents
 from toolkit.hf import LoadError
-from toolkit.tokenizer import (MODEL_FILE, TOKENIZERS_DIR, ByteTokenizer, TokenizerError, available_tokenizers,
-                               load_tokenizer)
-from toolkit.tokenizer_training import (MAX_SENTENCE_BYTES, main, read_sources, split_last_fraction,
-                                        split_long_document, train_family)
+from toolkit.tokenizer import (
+    MODEL_FILE,
+    TOKENIZERS_DIR,
+    ByteTokenizer,
+    TokenizerError,
+    available_tokenizers,
+    load_tokenizer,
+)
+from toolkit.tokenizer_training import (
+    MAX_SENTENCE_BYTES,
+    main,
+    read_sources,
+    split_last_fraction,
+    split_long_document,
+    train_family,
+)
 
 TRICKY = [
     "", " ", "  two leading spaces", "trailing spaces   ", " " * 300, "\n" * 300, "\n \n\t\r\n \r",

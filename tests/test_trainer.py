@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT
 from safetensors import safe_open
 
 import tools
 from config import ConfigError, ModelConfig, TrainConfig
+from conftest import ROOT
 from modules.model import Model
 from toolkit import checkpoint, data, provenance, trainer
 from toolkit.checkpoint import save_model

@@ -18,13 +18,13 @@ import queue
 import re
 import subprocess
 import sys
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import tomllib
 import torch
 
 from config import PRESETS, ConfigError, ModelConfig, TrainConfig, closest

@@ -222,6 +222,10 @@ def hf_config_for(cfg: ModelConfig, tokenizer=None):
                              f"fit the model's vocab_size={cfg.vocab_size}")
         special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
 
+    windowed = windowed_hf_config(cfg, special)  # Mistral or Qwen3, for the windows and QK-norm that Llama lacks
+    if windowed is not None:
+        return windowed
+
     def need(condition, field, value, target):
         if not condition:
             raise ValueError(f"cannot export to {target}: {field}={value!r} has no {target} equivalent")
@@ -241,14 +245,7 @@ def hf_config_for(cfg: ModelConfig, tokenizer=None):
     if cfg.positions == "rope":
         for field, value in common + [("norm", "rmsnorm"), ("norm_bias", False), ("mlp", "gated"), ("embed_dropout", 0.0), ("resid_dropout", 0.0)]:
             need(getattr(cfg, field) == value, field, getattr(cfg, field), "Llama")
-        activation = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "relu2": "relu2"}
-        scaling = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None
-        return LlamaConfig(
-            vocab_size=cfg.vocab_size, max_position_embeddings=cfg.context_length, hidden_size=cfg.dim,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim, intermediate_size=cfg.mlp_hidden, hidden_act=activation[cfg.activation],
-            rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=scaling, attention_bias=cfg.bias,
-            mlp_bias=cfg.bias, tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.attn_dropout, **special)
+        return LlamaConfig(**llama_family_settings(cfg), attention_bias=cfg.bias, mlp_bias=cfg.bias, **special)
     raise ValueError(f"cannot export: positions={cfg.positions!r} maps to neither GPT-2 ('learned') nor Llama ('rope')")
 
 
@@ -301,6 +298,7 @@ def export_hf(model: Model, directory, tokenizer=None) -> Path:
     hf_config = hf_config_for(model.cfg, tokenizer)
     hf_model = AutoModelForCausalLM.from_config(hf_config)
     state = project_to_hf(model)
+    state.update(qk_norm_weights(model))
     if hf_config.tie_word_embeddings:
         state.pop("lm_head.weight")
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
@@ -320,3 +318,77 @@ def save_hf_tokenizer(tokenizer, directory: Path, context_length: int):
     if settings.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name; 4 knows the class by this one
         settings["tokenizer_class"] = "PreTrainedTokenizerFast"
         settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+# --- per-layer choices: Mistral (one sliding window on every layer) and Qwen3 (QK-norm; per-layer windows) ---
+
+LLAMA_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "relu2": "relu2"}
+
+
+def llama_family_settings(cfg: ModelConfig) -> dict:
+    """The settings Llama, Mistral and Qwen3 configs share, with the same names."""
+    scaling = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None
+    return dict(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.context_length, hidden_size=cfg.dim,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                head_dim=cfg.head_dim, intermediate_size=cfg.mlp_hidden, hidden_act=LLAMA_ACTIVATIONS[cfg.activation],
+                rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=scaling,
+                tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.attn_dropout)
+
+
+def layer_windows(cfg: ModelConfig) -> list:
+    """Each layer's sliding window; a ValueError for any other per-layer difference, which no transformers
+    architecture holds."""
+    layers = [cfg.layer(i) for i in range(cfg.n_layers)]
+    for name in cfg.to_dict():
+        if name in ("format_version", "layers", "sliding_window"):
+            continue
+        for index, layer in enumerate(layers):
+            ours, model_wide = getattr(layer, name), getattr(cfg, name)
+            if ours != model_wide:
+                raise ValueError(f"cannot export: layer {index} has {name}={ours!r} where the model has "
+                                 f"{model_wide!r}; no transformers architecture holds a per-layer {name}")
+    return [layer.sliding_window for layer in layers]
+
+
+def windowed_hf_config(cfg: ModelConfig, special: dict):
+    """For a rotary model with sliding windows or QK-norm: MistralConfig (one window on every layer, no
+    QK-norm) or Qwen3Config (QK-norm; windows of one size on any layers, through layer_types). None for a
+    model with neither (GPT-2 or Llama then); a ValueError naming what none of them holds."""
+    from transformers import MistralConfig, Qwen3Config
+
+    windows = layer_windows(cfg)
+    sizes = sorted(set(windows) - {None})
+    if not sizes and not cfg.qk_norm:
+        return None
+    if len(sizes) > 1:
+        raise ValueError(f"cannot export: sliding windows of several sizes ({', '.join(map(str, sizes))}); "
+                         f"Qwen3's layer_types hold one size")
+    target = "Qwen3" if cfg.qk_norm else "Mistral"
+    for field, value in [("positions", "rope"), ("norm", "rmsnorm"), ("norm_bias", False), ("mlp", "gated"),
+                         ("norm_placement", "pre"), ("attention", "causal"), ("bias", False), ("embed_dropout", 0.0),
+                         ("resid_dropout", 0.0)]:
+        if getattr(cfg, field) != value:
+            raise ValueError(f"cannot export to {target} (the architecture for sliding windows and QK-norm): "
+                             f"{field}={getattr(cfg, field)!r} has no {target} equivalent")
+    window = sizes[0] if sizes else None
+    if not cfg.qk_norm:
+        if windows != [window] * cfg.n_layers:
+            raise ValueError("cannot export: a sliding window on some layers only exports through Qwen3's layer_types, "
+                             "which come with QK-norm (qk_norm=True); Mistral holds one window on every layer")
+        return MistralConfig(**llama_family_settings(cfg), sliding_window=window, **special)
+    layer_types = ["full_attention" if w is None else "sliding_attention" for w in windows]
+    return Qwen3Config(**llama_family_settings(cfg), attention_bias=False, use_sliding_window=window is not None,
+                       sliding_window=window, max_window_layers=cfg.n_layers, layer_types=layer_types, **special)
+
+
+def qk_norm_weights(model: Model) -> dict:
+    """The QK-norm scales under Qwen3's names (ones where the norm has none); {} without QK-norm."""
+    cfg = model.cfg
+    if not cfg.qk_norm:
+        return {}
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for ours, theirs in ((layer.attention.q_norm, "q_norm"), (layer.attention.k_norm, "k_norm")):
+            weight = ours.weight if ours.weight is not None else torch.ones(cfg.head_dim)
+            out[f"model.layers.{i}.self_attn.{theirs}.weight"] = weight.detach().float().cpu()
+    return out

@@ -240,10 +240,9 @@ class ByteTokenizer(Tokenizer):
 
     def to_hf(self, model_max_length=None):
         """GPT-2's byte-level alphabet (one printable character per byte) as a vocabulary without merges."""
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
         from tokenizers import Tokenizer as Backend
         from tokenizers import decoders, models, pre_tokenizers
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
         specials = ("<s>", "</s>", "<pad>")
         vocab = {char: byte for byte, char in bytes_to_unicode().items()}
         vocab.update({token: 256 + k for k, token in enumerate(specials)})
@@ -333,9 +332,8 @@ def has_tokenizer_files(directory) -> bool:
 def _fast_tokenizer(backend, bos: str, eos: str, pad: str, unk: str | None = None, model_max_length=None):
     """A transformers tokenizer around a `tokenizers` one whose special tokens are in its vocabulary;
     it puts bos in front by default, as training and inference.py do."""
-    from transformers import PreTrainedTokenizerFast
-
     from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
     bos_id = backend.token_to_id(bos)
     backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, bos_id)])

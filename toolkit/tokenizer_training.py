@@ -27,9 +27,21 @@ from sentencepiece import sentencepiece_model_pb2
 
 from config import closest
 from toolkit.data import DataError, read_documents
-from toolkit.tokenizer import (BOS_ID, EOS_ID, FAMILY_FILE, MODEL_FILE, N_BASE_PIECES, N_THREADS, PAD_ID,
-                               SPECIAL_PIECES, TOKENIZERS_DIR, UNK_ID, SentencePieceTokenizer, TokenizerError,
-                               family_min_size)
+from toolkit.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    FAMILY_FILE,
+    MODEL_FILE,
+    N_BASE_PIECES,
+    N_THREADS,
+    PAD_ID,
+    SPECIAL_PIECES,
+    TOKENIZERS_DIR,
+    UNK_ID,
+    SentencePieceTokenizer,
+    TokenizerError,
+    family_min_size,
+)
 
 DEFAULT_SIZES = (512, 1024, 2048, 4096, 8192)
 # sentencepiece skips longer sentences silently, so documents are cut into chunks that fit
