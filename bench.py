@@ -4,6 +4,7 @@
     python bench.py loop        # the real training loop (data, logging) against the bare training step
     python bench.py tokenizer   # encoding MB/s and family training time, on the embedded TinyStories sample
     python bench.py generate    # new tokens/s: KV cache, no cache, transformers' generate
+    python bench.py optim       # a training step with each optimizer (Muon, ...) against one with AdamW
 
 `python bench.py SECTION --help` lists a section's options.
 """
@@ -24,6 +25,7 @@ from torch import nn
 from config import ConfigError, ModelConfig, TrainConfig
 from modules.model import Model
 from toolkit.data import DataError, read_documents
+from toolkit.optim import OPTIMIZERS, make_optimizer
 from toolkit.tokenizer import TokenizerError
 from toolkit.trainer import TrainError
 
@@ -262,7 +264,6 @@ def bench_loop(args):
     import pandas as pd
 
     from toolkit import checkpoint, data
-    from toolkit.optim import make_optimizer
     from toolkit.trainer import Distributed, train, train_step
 
     parser = argparse.ArgumentParser(prog="bench.py loop", description=bench_loop.__doc__)
@@ -423,7 +424,43 @@ def bench_generate(args):
 # --- end generation benchmark ---
 
 
-BENCHMARKS = {"model": bench_model, "loop": bench_loop, "tokenizer": bench_tokenizer, "generate": bench_generate}
+def bench_optim(args):
+    """Training tokens/s of a step with each optimizer of toolkit.optim against a step with AdamW: the same
+    llama3-1m model (seed 0), the same fixed batch, alternating rounds; ratio = optimizer / AdamW."""
+    parser = argparse.ArgumentParser(prog="bench.py optim", description=bench_optim.__doc__)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--context_length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5, help="training steps per timed round")
+    parser.add_argument("--rounds", type=int, default=6)
+    o = parser.parse_args(args)
+    model_cfg = ModelConfig.preset("llama3-1m", context_length=o.context_length)
+    generator = torch.Generator().manual_seed(0)
+    input_ids, targets = torch.randint(0, model_cfg.vocab_size, (2, o.batch_size, o.context_length), generator=generator)
+
+    def run(name):
+        torch.manual_seed(0)
+        model = Model(model_cfg)
+        optimizer = make_optimizer(model, TrainConfig(optimizer=name), torch.device("cpu"))
+
+        def steps():
+            for _ in range(o.steps):
+                _, loss = model(input_ids, targets)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return steps
+    runs = {name: run(name) for name in OPTIMIZERS}
+    interleaved_seconds(runs, rounds=2)  # warm-up
+    seconds = interleaved_seconds(runs, o.rounds)
+    print(f"cpu float32, llama3-1m, batch {o.batch_size} x {o.context_length}; median of {o.rounds} rounds of "
+          f"{o.steps} steps, {torch.get_num_threads()} threads")
+    for name, times in seconds.items():
+        speed = o.steps * o.batch_size * o.context_length / statistics.median(times)
+        print(f"{name:6s} {speed:>9.1f} tok/s  ratio to adamw {speed_ratio(seconds, name, 'adamw'):.3f}")
+
+
+BENCHMARKS = {"model": bench_model, "loop": bench_loop, "tokenizer": bench_tokenizer, "generate": bench_generate,
+              "optim": bench_optim}
 
 
 def main(argv=None):
