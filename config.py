@@ -17,6 +17,7 @@ from modules.mlp import ACTIVATIONS, MLPS
 from modules.norm import NORMS
 from modules.positions import POSITIONS
 from toolkit.optim import OPTIMIZERS
+from toolkit.schedule import SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -316,7 +317,7 @@ class TrainConfig(Settings):
     max_steps: int = 1600  # optimizer steps of the whole run (1600 x 16 x 256 = 6.55M tokens by default)
     lr: float = 2e-3  # peak learning rate, reached at the end of warmup
     min_lr: float = 2e-4  # the rate cosine and wsd decay to
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant, each after linear warmup
+    schedule: str = "cosine"  # a key of toolkit.schedule.SCHEDULES: cosine | wsd | constant, after linear warmup
     warmup_steps: int = 100  # steps of linear warmup from 0 to lr
     decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays to min_lr
     optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest): toolkit/optim.py
@@ -342,7 +343,7 @@ class TrainConfig(Settings):
         require(all(part not in ("", ".", "..") for part in parts) and "\\" not in self.name, "name", self.name,
                 "must be a folder name under trained/, or nested ones such as study/variant/seed0 (no empty, . or .. parts)")
         one_of("text_format", self.text_format, ("auto", "documents", "lines", "whole"))
-        one_of("schedule", self.schedule, ("cosine", "wsd", "constant"))
+        one_of("schedule", self.schedule, SCHEDULES)
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every", "save_every"):
             require(getattr(self, name) > 0, name, getattr(self, name), "must be a positive integer")
         for name in ("warmup_steps", "seed"):

@@ -6,7 +6,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from config import ConfigError, TrainConfig
-from toolkit.schedule import learning_rate
+from toolkit.schedule import SCHEDULES, learning_rate
 
 
 def rates(**overrides):
@@ -14,7 +14,7 @@ def rates(**overrides):
     return [learning_rate(step, cfg) for step in range(cfg.max_steps)]
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_linear_warmup(schedule):
     lr = rates(schedule=schedule)
     assert lr[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
@@ -64,3 +64,11 @@ def test_every_accepted_schedule_changes_the_rate_without_jumps(schedule, max_st
                                         1 / max(1, int(decay_fraction * max_steps)))
     assert max((abs(b - a) for a, b in zip(lr, lr[1:])), default=0) <= max(ramp, decay) * (1 + 1e-9)
     assert all(cfg.min_lr - 1e-12 <= r <= cfg.lr + 1e-12 for r in lr[warmup_steps:])
+
+
+def test_a_new_schedule_is_one_function_and_one_registry_line(monkeypatch):
+    def linear(step, cfg):  # straight from lr to min_lr after warmup
+        return cfg.lr + (cfg.min_lr - cfg.lr) * (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+    monkeypatch.setitem(SCHEDULES, "linear", linear)
+    lr = rates(schedule="linear", lr=1e-3, min_lr=0.0, warmup_steps=10, max_steps=110)
+    assert lr[9] == pytest.approx(1e-3) and lr[60] == pytest.approx(5e-4) and lr[109] == pytest.approx(1e-5)
