@@ -230,9 +230,11 @@ def bench_model(args):
     device = torch.device(o.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     generator = torch.Generator().manual_seed(0)
-    input_ids, targets = torch.randint(0, o.vocab_size, (2, o.batch_size, o.context_length), generator=generator).to(device)
+    input_ids, targets = torch.randint(0, o.vocab_size, (2, o.batch_size, o.context_length),
+                                       generator=generator).to(device)
     dims = {kind: {"vocab_size": o.vocab_size, "context_length": o.context_length, "dim": o.dim, "n_layers": o.n_layers,
-                   "n_heads": o.n_heads, "n_kv_heads": o.n_kv_heads if kind == "llama" else o.n_heads} for kind in o.kinds}
+                   "n_heads": o.n_heads, "n_kv_heads": o.n_kv_heads if kind == "llama" else o.n_heads}
+            for kind in o.kinds}
     for kind in o.kinds:  # bad dims fail now, not after minutes of timing
         ModelConfig.preset(PRESET_OF_KIND[kind], **dims[kind])
     print(f"{device.type} {'bf16 autocast' if o.amp else 'float32'}{', compiled' if o.compile else ''}: batch "
@@ -253,7 +255,8 @@ def bench_model(args):
         speed = {name: o.steps * o.batch_size * o.context_length / statistics.median(s) for name, s in seconds.items()}
         kv = f"{dims[kind]['n_kv_heads']} KV heads" if kind == "llama" else "MHA"
         print(f"{kind:5s} ({n_params / 1e6:.2f}M params, {kv:10s}) ours {speed['ours']:>9.1f} tok/s  reference "
-              f"{speed['reference']:>9.1f} tok/s  ratio {speed_ratio(seconds, 'ours', 'reference'):.3f} (target >= 0.97)")
+              f"{speed['reference']:>9.1f} tok/s  ratio {speed_ratio(seconds, 'ours', 'reference'):.3f} "
+              f"(target >= 0.97)")
 
 
 def bench_loop(args):
@@ -299,7 +302,8 @@ def bench_loop(args):
     def loop_tokens_per_s():
         out = train(model_cfg, train_cfg, overwrite=True, progress_bar=False)
         intervals = pd.read_csv(out / "log_data.csv").iloc[1:]  # each row: tokens/s over its interval
-        return tokens_per_step * log_every * len(intervals) / (log_every * tokens_per_step / intervals["tokens_per_s"]).sum()
+        return (tokens_per_step * log_every * len(intervals)
+                / (log_every * tokens_per_step / intervals["tokens_per_s"]).sum())
 
     try:
         loop_tokens_per_s()  # builds the token cache once, outside the timing
@@ -348,7 +352,8 @@ def bench_tokenizer(args):
         start = time.perf_counter()
         family = train_family(stories, DEFAULT_SIZES, out_dir, verbose=False)
         total = reading + time.perf_counter() - start
-    print(f"training the {DEFAULT_SIZES[-1]} family on the TinyStories sample ({family['training_bytes'] / 1e6:.1f} MB, "
+    print(f"training the {DEFAULT_SIZES[-1]} family on the TinyStories sample "
+          f"({family['training_bytes'] / 1e6:.1f} MB, "
           f"{family['training_documents']} stories): sentencepiece {family['training_seconds']:.1f} s, {total:.1f} s "
           f"in all (reading, training, checking every size, writing)")
 # --- end tokenizer benchmark ---
@@ -435,7 +440,8 @@ def bench_optim(args):
     o = parser.parse_args(args)
     model_cfg = ModelConfig.preset("llama3-1m", context_length=o.context_length)
     generator = torch.Generator().manual_seed(0)
-    input_ids, targets = torch.randint(0, model_cfg.vocab_size, (2, o.batch_size, o.context_length), generator=generator)
+    input_ids, targets = torch.randint(0, model_cfg.vocab_size, (2, o.batch_size, o.context_length),
+                                       generator=generator)
 
     def run(name):
         torch.manual_seed(0)

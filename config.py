@@ -143,7 +143,7 @@ class ModelConfig(Settings):
     attention: str = "causal"  # a key of modules.attention.ATTENTIONS
     positions: str = "rope"  # a key of modules.positions.POSITIONS: rope | learned | none | alibi
     rope_theta: float = 10000.0  # RoPE base: larger rotates slower, for longer contexts
-    rope_scaling: dict | None = None  # Llama 3.1 style: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    rope_scaling: dict | None = None  # Llama 3.1 style: factor, low/high_freq_factor, original_max_position_embeddings
     qk_norm: bool = False  # normalise queries and keys per head before attention
     sliding_window: int | None = None  # each token attends to at most this many tokens (itself included)
     diff_lambda_init: float | None = None  # attention="differential": lambda's start (None: the paper's depth schedule)
@@ -303,8 +303,8 @@ PRESETS = {
 class TrainConfig(Settings):
     """How to train: data, tokenizer, optimisation, evaluation and logging. `python train.py` uses
     these defaults; override any of them with --field=value."""
-    name: str = "Llama3_1m"  # the run's folder: trained/NAME (nested names such as study/variant/seed0 too; with --preset and no --name: the preset's name)
-    data: str = "tinystories-sample"  # shipped text (tinystories-sample, shakespeare), hub (tinystories, fineweb-edu, hf:ID), files/globs
+    name: str = "Llama3_1m"  # run folder trained/NAME (may nest: study/variant/seed0); default with --preset: its name
+    data: str = "tinystories-sample"  # shipped tinystories-sample|shakespeare; hub tinystories|fineweb-edu|hf:ID; globs
     text_format: str = "auto"  # .txt layout: auto | documents (<|endoftext|> lines) | lines | whole
     max_docs: int | None = None  # read at most this many documents (hub datasets are large)
     val_fraction: float = 0.1  # documents (or, for one whole text, its tail) held out for validation
@@ -341,7 +341,8 @@ class TrainConfig(Settings):
         self.check_types()
         parts = self.name.split("/")
         require(all(part not in ("", ".", "..") for part in parts) and "\\" not in self.name, "name", self.name,
-                "must be a folder name under trained/, or nested ones such as study/variant/seed0 (no empty, . or .. parts)")
+                "must be a folder name under trained/, or nested ones such as study/variant/seed0 "
+                "(no empty, . or .. parts)")
         one_of("text_format", self.text_format, ("auto", "documents", "lines", "whole"))
         one_of("schedule", self.schedule, SCHEDULES)
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every", "save_every"):
@@ -350,7 +351,8 @@ class TrainConfig(Settings):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be zero or positive")
         if self.max_docs is not None:
             require(self.max_docs > 0, "max_docs", self.max_docs, "must be None or positive")
-        require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in (0, 1): validation needs data")
+        require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction,
+                "must be in (0, 1): validation needs data")
         require(self.lr > 0, "lr", self.lr, "must be positive")
         require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
         require(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "must be in (0, 1]")

@@ -49,7 +49,8 @@ def variants_from(text: str) -> dict:
     """{"rmsnorm": {"norm": "rmsnorm"}, ...} from --vary norm=rmsnorm,layernorm: one variant per value."""
     key, has_values, values = text.partition("=")
     if not has_values or not values:
-        raise ExperimentError(f"--vary={text!r} is not valid: write FIELD=V1,V2,..., e.g. --vary norm=rmsnorm,layernorm")
+        raise ExperimentError(f"--vary={text!r} is not valid: write FIELD=V1,V2,..., "
+                              f"e.g. --vary norm=rmsnorm,layernorm")
     field = field_of(key, "--vary")
     return {value: {key: parse_value(field, value)} for value in values.split(",")}
 
@@ -58,16 +59,19 @@ def numbers(text: str, kind, option: str) -> list:
     try:
         return [kind(part) for part in text.split(",")]
     except ValueError:
-        raise ExperimentError(f"--{option}={text!r} is not valid: expected {kind.__name__}s separated by commas") from None
+        raise ExperimentError(f"--{option}={text!r} is not valid: "
+                              f"expected {kind.__name__}s separated by commas") from None
 
 
 def plan_values(options: dict, values: dict) -> dict:
     """The experiment's settings with the command line's options applied on top."""
     if "vary" in options:
         if "variants" in values:
-            raise ExperimentError("--vary builds the variants when there is no file: edit the file's [variants] instead")
+            raise ExperimentError("--vary builds the variants when there is no file: "
+                                  "edit the file's [variants] instead")
         values["variants"] = variants_from(options["vary"])
-        values.setdefault("name", f"{options.get('base', values.get('base', 'experiment'))}-{options['vary'].partition('=')[0]}")
+        values.setdefault("name", f"{options.get('base', values.get('base', 'experiment'))}-"
+                                  f"{options['vary'].partition('=')[0]}")
     if "seeds" in options:
         seeds = numbers(options["seeds"], int, "seeds")
         values["seeds"] = seeds[0] if len(seeds) == 1 else seeds
@@ -96,7 +100,8 @@ def parse(argv: list[str]) -> tuple[Experiment, set, dict]:
     if run_options["parallel"] < 1:
         raise ExperimentError("--parallel must be at least 1")
     if run_options["executor"] not in (None, *EXECUTORS):
-        raise ExperimentError(f"--executor={run_options['executor']!r} is not valid; choose one of: {', '.join(EXECUTORS)}")
+        raise ExperimentError(f"--executor={run_options['executor']!r} is not valid; "
+                              f"choose one of: {', '.join(EXECUTORS)}")
     return Experiment.from_dict(values, file or "the command line"), flags, run_options
 
 

@@ -59,7 +59,8 @@ def writable_folder(out: str) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ComparisonError(f"cannot write to --out={out} ({e.strerror or e}): choose a folder you can write to") from None
+        raise ComparisonError(f"cannot write to --out={out} ({e.strerror or e}): "
+                              f"choose a folder you can write to") from None
     return folder
 
 
@@ -91,7 +92,8 @@ def load_one(name: str, device="cpu"):
         raise tools.no_tokenizer_error(name)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise tools.TokenizerError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model's "
-                                   f"vocab_size is {model.cfg.vocab_size}: its train_config.json names the wrong tokenizer")
+                                   f"vocab_size is {model.cfg.vocab_size}: "
+                                   f"its train_config.json names the wrong tokenizer")
     return model, tokenizer
 
 

@@ -66,13 +66,15 @@ def load_model(name_or_path: str, device="cpu"):
     model = load_hf_model(str(directory), device)
     if not has_tokenizer_files(directory):
         return model, None
-    return model, load_tokenizer("gpt2" if name_or_path == "gpt2" else f"hf:{directory if path.is_dir() else name_or_path}")
+    return model, load_tokenizer("gpt2" if name_or_path == "gpt2"
+                                 else f"hf:{directory if path.is_dir() else name_or_path}")
 
 
 def no_tokenizer_error(name_or_path: str) -> LoadError:
     """The one-line error for a model that load_model returned without a tokenizer, saying how to give it one."""
     if is_checkpoint(model_path(name_or_path)):
-        return LoadError(f"{name_or_path} names no tokenizer: add its name to {model_path(name_or_path) / TRAIN_CONFIG}, "
+        return LoadError(f"{name_or_path} names no tokenizer: "
+                         f"add its name to {model_path(name_or_path) / TRAIN_CONFIG}, "
                          f'e.g. "tokenizer": "tinystories-2048"')
     return LoadError(f"{name_or_path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy them from where "
                      f"the model came from, or export it with tools.export_hf(model, folder, tokenizer)")

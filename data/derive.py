@@ -96,7 +96,8 @@ def write(path: Path, data: bytes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", type=Path, help="folder holding tinystories/ and tinyshakespeare/")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder (default: data/)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
+                        help="output folder (default: data/)")
     args = parser.parse_args()
     kept, counts = collect(args.sources)
     for name, count in counts.items():

@@ -65,10 +65,13 @@ def test_reference_is_causal(kind):
 
 def test_the_gpt2_preset_is_the_architecture_of_the_gpt2_reference():
     cfg = ModelConfig.preset("gpt2-1m")
-    assert (cfg.positions, cfg.norm, cfg.norm_bias, cfg.norm_eps, cfg.norm_placement) == ("learned", "layernorm", True, 1e-5, "pre")
-    assert (cfg.mlp, cfg.mlp_hidden, cfg.bias, cfg.tie_embeddings, cfg.n_kv_heads) == ("plain", 4 * cfg.dim, True, True, cfg.n_heads)
+    assert (cfg.positions, cfg.norm, cfg.norm_bias, cfg.norm_eps, cfg.norm_placement) == (
+        "learned", "layernorm", True, 1e-5, "pre")
+    assert (cfg.mlp, cfg.mlp_hidden, cfg.bias, cfg.tie_embeddings, cfg.n_kv_heads) == (
+        "plain", 4 * cfg.dim, True, True, cfg.n_heads)
     x = torch.linspace(-4, 4, 101)
-    torch.testing.assert_close(ACTIVATIONS[cfg.activation](x), 0.5 * x * (1 + torch.erf(x / math.sqrt(2))))  # exact GELU
+    # exact GELU
+    torch.testing.assert_close(ACTIVATIONS[cfg.activation](x), 0.5 * x * (1 + torch.erf(x / math.sqrt(2))))
 
 
 @pytest.mark.parametrize(("kind", "preset"), [("gpt2", "gpt2-1m"), ("llama", "llama3-1m")])
@@ -77,7 +80,8 @@ def test_reference_and_project_model_compute_the_same_function(kind, preset):
     with torch.no_grad():  # random values everywhere, so that every bias and norm weight takes part
         for p in reference.parameters():
             p.normal_(0.0, 0.3)
-    model = Model(ModelConfig.preset(preset, **DIMS, n_kv_heads=KV_HEADS[kind], mlp_hidden=reference.layers[0].mlp.down.in_features))
+    model = Model(ModelConfig.preset(preset, **DIMS, n_kv_heads=KV_HEADS[kind],
+                                     mlp_hidden=reference.layers[0].mlp.down.in_features))
     model.load_state_dict(reference.state_dict(), strict=True)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
     input_ids, targets = random_batch()

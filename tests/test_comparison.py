@@ -110,7 +110,8 @@ def test_bad_inputs_are_one_line_before_any_work(trained, capsys, monkeypatch, c
             "out is a file": [f"--data={trained / 'heldout.txt'}", f"--out={trained / 'a_file'}"],
             "missing data": [f"--data={trained / 'missing.txt'}", f"--out={trained / 'report'}"],
             "bad max_len": [f"--data={trained / 'heldout.txt'}", "--max_len=0"]}[case]
-    expected = {"empty data": f"error: --data={trained / 'empty.txt'} holds no text to score: give a file with some text in it",
+    expected = {"empty data": f"error: --data={trained / 'empty.txt'} holds no text to score: "
+                              f"give a file with some text in it",
                 "out is under a file": f"error: cannot write to --out={trained / 'a_file' / 'report'} (",
                 "out is a file": f"error: cannot write to --out={trained / 'a_file'} (",
                 "missing data": "error: no data at",
@@ -197,7 +198,8 @@ def test_log_axes_have_plain_number_ticks(trained):
     assert {"1.2", "1.5", "2", "2.5", "3"} <= set(labels(bpb_axes.yaxis))
     assert {"3", "4", "5"} <= set(labels(loss_axes.yaxis))
     assert {"200K", "500K", "1M"} <= set(labels(bpb_axes.xaxis))
-    assert not any("10^" in text or "mathdefault" in text for a in figure.axes for text in labels(a.xaxis) + labels(a.yaxis))
+    assert not any("10^" in text or "mathdefault" in text
+                   for a in figure.axes for text in labels(a.xaxis) + labels(a.yaxis))
     plt.close(figure)
 
 

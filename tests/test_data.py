@@ -42,7 +42,8 @@ def write_sources(folder):
     folder.mkdir()
     (folder / "a_separated.txt").write_text("".join(d + "\n<|endoftext|>\n" for d in DOCS))
     (folder / "b_lines.txt").write_text("\n".join(d.replace("\n", " ") for d in DOCS) + "\n\n")
-    (folder / "c_records.jsonl").write_text("".join(json.dumps({"text": d, "id": k}) + "\n" for k, d in enumerate(DOCS)))
+    (folder / "c_records.jsonl").write_text("".join(json.dumps({"text": d, "id": k}) + "\n"
+                                                    for k, d in enumerate(DOCS)))
     pandas.DataFrame({"text": DOCS, "other": [1, 2, 3]}).to_parquet(folder / "d_table.parquet")
     (folder / "e_whole.txt").write_text("First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n")
     return folder
@@ -56,7 +57,8 @@ def test_every_format_file_folder_and_glob(tmp_path):
     assert list(read_documents(str(folder / "c_records.jsonl"))) == DOCS
     assert list(read_documents(str(folder / "d_table.parquet"))) == DOCS
     assert list(read_documents(str(folder / "e_whole.txt"))) == [(folder / "e_whole.txt").read_text()]
-    assert list(read_documents(str(folder / "b_lines.txt"), text_format="whole")) == [(folder / "b_lines.txt").read_text()]
+    assert list(read_documents(str(folder / "b_lines.txt"), text_format="whole")) == [
+        (folder / "b_lines.txt").read_text()]
     everything = list(read_documents(str(folder)))  # a folder: its files in name order
     assert everything[:12] == DOCS + one_line + DOCS + DOCS and len(everything) == 13
     assert list(read_documents(str(folder / "[ac]_*"))) == DOCS + DOCS  # a glob
@@ -117,7 +119,8 @@ def test_shards_hold_each_document_with_bos_and_eos(tmp_path):
     stream = train.read(0, len(train))
     expected = [t for d in DOCS for t in tokenizer.encode(d, bos=True, eos=True)]
     assert stream.tolist() == expected and train.meta["bytes"] == sum(len(d.encode()) for d in DOCS)
-    assert train.doc_starts.tolist() == [0, len(DOCS[0].encode()) + 2, len(DOCS[0].encode()) + len(DOCS[1].encode()) + 4]
+    assert train.doc_starts.tolist() == [0, len(DOCS[0].encode()) + 2,
+                                         len(DOCS[0].encode()) + len(DOCS[1].encode()) + 4]
     assert train.doc_ids(0, len(train)).tolist() == [k for k, d in enumerate(DOCS) for _ in range(len(d.encode()) + 2)]
     assert np.dtype(json.loads((directory / "meta.json").read_text())["dtype"]) == np.uint16
 
@@ -317,7 +320,8 @@ def test_the_default_tokenizer_never_saw_the_heldout_stories():
     train, heldout = list(read_documents("tinystories-sample")), list(read_documents("tinystories-heldout"))
     assert [source["path"] for source in family["sources"]] == ["data/tinystories/train.txt.gz"]
     assert (family["training_documents"], family["training_bytes"]) == (len(train), sum(len(s.encode()) for s in train))
-    assert (family["heldout_documents"], family["heldout_bytes"]) == (len(heldout), sum(len(s.encode()) for s in heldout))
+    assert (family["heldout_documents"], family["heldout_bytes"]) == (len(heldout),
+                                                                      sum(len(s.encode()) for s in heldout))
     measured = {str(size): round(load_tokenizer(f"tinystories-sample-{size}").bytes_per_token(heldout), 3)
                 for size in family["sizes"]}
     assert measured == family["bytes_per_token"] and list(measured.values()) == sorted(measured.values())
@@ -332,11 +336,13 @@ def test_derive_rebuilds_the_shipped_files_byte_for_byte(shared_data, tmp_path):
     assert done.returncode == 0, done.stderr
     for path in ("tinystories/train.txt.gz", "tinystories/heldout.txt.gz", "tinyshakespeare/input.txt.gz"):
         assert (tmp_path / path).read_bytes() == (ROOT / "data" / path).read_bytes(), path
-    assert gzip.decompress(EMBEDDED["shakespeare"].read_bytes()) == (shared_data / "tinyshakespeare/input.txt").read_bytes()
+    assert (gzip.decompress(EMBEDDED["shakespeare"].read_bytes())
+            == (shared_data / "tinyshakespeare/input.txt").read_bytes())
     # every source story is in exactly one of the two files; the shipped models' held-out stories stay held out
     sources = ["tinystories_sample_3000.txt", "TinyStories-train-first1000.txt", "tinystories_extra_1.txt",
                "tinystories_sample_cs336.txt", "tinystories_extra_2.txt"]
-    source_stories = {normalised(s) for name in sources for s in read_documents(str(shared_data / "tinystories" / name))}
+    source_stories = {normalised(s) for name in sources
+                      for s in read_documents(str(shared_data / "tinystories" / name))}
     train = {normalised(story) for story in read_documents("tinystories-sample")}
     heldout = {normalised(story) for story in read_documents("tinystories-heldout")}
     assert source_stories == train | heldout and len(train) + len(heldout) == N_TRAIN + N_HELDOUT
@@ -356,7 +362,8 @@ def test_data_hash_is_the_sha256_of_the_files_bytes(tmp_path):
     a.write_text("one, changed\n<|endoftext|>\n")
     assert data.data_sha256(str(a)) == hashlib.sha256(a.read_bytes()).hexdigest() != before
     # a hub dataset is identified by what it is (no network): id, config, file and max_docs
-    assert len({data.data_sha256("tinystories"), data.data_sha256("tinystories", 10), data.data_sha256("fineweb-edu")}) == 3
+    assert len({data.data_sha256("tinystories"), data.data_sha256("tinystories", 10),
+                data.data_sha256("fineweb-edu")}) == 3
 
 
 def test_runs_record_data_relative_to_the_project(tmp_path, monkeypatch):

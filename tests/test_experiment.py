@@ -99,7 +99,8 @@ def test_statistics_match_a_hand_computation():
     same = stats.paired_test(baseline, dict(baseline))
     assert (same.mean, same.p) == (0.0, 1.0)
     assert stats.call(same.mean, same.p) == "within noise"
-    assert stats.call(-0.1, 0.01) == "better" and stats.call(0.1, 0.049) == "worse" and stats.call(-0.1, 0.05) == "within noise"
+    assert (stats.call(-0.1, 0.01) == "better" and stats.call(0.1, 0.049) == "worse"
+            and stats.call(-0.1, 0.05) == "within noise")
 
     # Holm: sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04, made non-decreasing: 0.03, 0.06, 0.06
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
@@ -192,8 +193,8 @@ def test_each_run_logs_stability_figures(study):
     assert np.sqrt((figures[parts] ** 2).sum(axis=1)).to_numpy() == pytest.approx(log["grad_norm"].to_numpy(), rel=1e-5)
     # the logits RMS at the last evaluation is that of the saved model over the validation set
     model, tokenizer = tools.load_model("study/baseline/seed1")
-    val = data.validation_batches(data.TokenData(data.prepare_data(str(texts / "stories.txt"), tokenizer, progress=False),
-                                                 "val"), 32, 4, 2 * 4)
+    val = data.validation_batches(
+        data.TokenData(data.prepare_data(str(texts / "stories.txt"), tokenizer, progress=False), "val"), 32, 4, 2 * 4)
     with torch.no_grad():
         logits = torch.cat([model(**batch)[0].flatten(0, 1) for batch in val])
     assert figures["logits_rms"].dropna().iloc[-1] == pytest.approx(logits.square().mean().sqrt().item(), rel=1e-5)
@@ -252,7 +253,8 @@ def test_equal_flops_budgets_give_the_cheaper_variant_more_tokens_by_the_flop_ra
     # whole steps within the budget: each spends it to within one step
     for run in (cheap, costly):
         assert 2e10 - run.flops_per_token * run.tokens_per_step < tokens[run.variant] * run.flops_per_token <= 2e10
-    assert tokens["baseline"] / tokens["deep"] == pytest.approx(costly.flops_per_token / cheap.flops_per_token, rel=0.01)
+    assert tokens["baseline"] / tokens["deep"] == pytest.approx(costly.flops_per_token / cheap.flops_per_token,
+                                                                rel=0.01)
 
     for budget, steps in (({"tokens": 12800}, 100), ({"steps": 7}, 7)):
         equal = Experiment.from_dict(plan(workspace, budget=budget, variants={"baseline": {}, "deep": {"n_layers": 6}}))
@@ -264,7 +266,8 @@ def test_equal_flops_budgets_give_the_cheaper_variant_more_tokens_by_the_flop_ra
 
 def test_a_minutes_budget_stops_the_run_and_evaluates_it(workspace):
     experiment = Experiment.from_dict(plan(workspace, budget={"minutes": 0.002}, seeds=1,
-                                           train={**TINY_TRAIN, "data": str(workspace / "stories.txt"), "max_steps": 100000}))
+                                           train={**TINY_TRAIN, "data": str(workspace / "stories.txt"),
+                                                  "max_steps": 100000}))
     run = experiment.run("", "baseline", 0)
     result = execute_run(run_spec(run, experiment.eval_data, 1, None, False))
     log = pd.read_csv(run.folder / "log_data.csv")
@@ -285,8 +288,10 @@ def test_a_learning_rate_grid_picks_the_best_rate_records_divergence_and_checks_
         return (loss * float("nan") if cfg.lr >= 1 else loss), grad_norm  # as a far too high rate would
 
     monkeypatch.setattr(trainer, "train_step", diverging_step)
-    train = {k: v for k, v in TINY_TRAIN.items() if k not in ("lr", "min_lr")} | {"data": str(workspace / "stories.txt")}
-    experiment = Experiment.from_dict(plan(workspace, lr_grid=[1e-5, 3e-3, 1.0], sizes=["dim=16", "dim=32"], train=train,
+    train = ({k: v for k, v in TINY_TRAIN.items() if k not in ("lr", "min_lr")}
+             | {"data": str(workspace / "stories.txt")})
+    experiment = Experiment.from_dict(plan(workspace, lr_grid=[1e-5, 3e-3, 1.0], sizes=["dim=16", "dim=32"],
+                                           train=train,
                                            variants={"baseline": {}, "layernorm": {"norm": "layernorm"}}))
     run_experiment(experiment, progress_bar=False, echo=lambda line: None)
     files = report.write_report(experiment)
@@ -295,7 +300,8 @@ def test_a_learning_rate_grid_picks_the_best_rate_records_divergence_and_checks_
     assert set(runs[runs["lr"] == 1.0]["status"]) == {"diverged"}  # recorded, never dropped
     assert set(runs[runs["seed"] == 1]["lr"]) == {3e-3}
     assert (checkpoint.TRAINED / "study/dim16/layernorm/lr0.003/seed1/result.json").is_file()
-    min_lr = json.loads((checkpoint.TRAINED / "study/dim16/baseline/lr1e-05/seed0/train_config.json").read_text())["min_lr"]
+    min_lr = json.loads((checkpoint.TRAINED
+                         / "study/dim16/baseline/lr1e-05/seed0/train_config.json").read_text())["min_lr"]
     assert min_lr == pytest.approx(1e-5 * TrainConfig().min_lr / TrainConfig().lr)  # the base's ratio
     table = pd.read_csv(experiment.folder / "report.csv")
     assert table["size"].tolist() == ["dim16", "dim16", "dim32", "dim32"] and set(table["lr"]) == {3e-3}
@@ -383,7 +389,8 @@ def test_ctrl_c_stops_the_experiment_and_a_rerun_resumes_it_exactly(workspace, m
 
     monkeypatch.setattr(trainer, "train_step", interrupted_step)
     stopped = Experiment.from_dict(plan(workspace, name="stopped", seeds=[0]))
-    with pytest.raises(Interrupted, match="stopped/baseline/seed0 stopped before its step 20: run the same command again"):
+    with pytest.raises(Interrupted,
+                       match="stopped/baseline/seed0 stopped before its step 20: run the same command again"):
         run_experiment(stopped, progress_bar=False, echo=lambda line: None)
     assert stopped.runs()[0].result() is None
     monkeypatch.setattr(trainer, "train_step", real_step)
@@ -414,13 +421,15 @@ def test_parallel_subprocesses_and_the_submitit_local_executor_give_the_same_res
 
 @pytest.mark.slow
 def test_an_interrupted_experiment_resumes_to_the_same_report(workspace, tmp_path):
-    values = plan(workspace, seeds=[0], budget={"steps": 150}, variants={"baseline": {}, "layernorm": {"norm": "layernorm"}},
+    values = plan(workspace, seeds=[0], budget={"steps": 150},
+                  variants={"baseline": {}, "layernorm": {"norm": "layernorm"}},
                   train={**TINY_TRAIN, "data": str(workspace / "stories.txt"), "log_every": 10, "eval_every": 50})
     path = tmp_path / "study.json"  # the form an experiment saves beside its runs
     path.write_text(json.dumps(values))
     command = [sys.executable, "experiment.py", str(path)]
     env = subprocess_env(tmp_path)
-    straight = subprocess.run(command + ["--name=straight"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    straight = subprocess.run(command + ["--name=straight"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     process = subprocess.Popen(command + ["--name=resumed"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -434,7 +443,8 @@ def test_an_interrupted_experiment_resumes_to_the_same_report(workspace, tmp_pat
     assert not (second / "result.json").is_file()  # killed mid-run
     assert (tmp_path / "trained/resumed/baseline/seed0/result.json").is_file()
 
-    resumed = subprocess.run(command + ["--name=resumed"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command + ["--name=resumed"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     columns = ["steps", "tokens", "val_bpb", "eval_bpb", "status"]
     a = pd.read_csv(tmp_path / "trained/straight/runs.csv")[columns]

@@ -72,8 +72,9 @@ REFUSED = [
     (tiny_llama, {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'"),
     (tiny_llama, {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}},
      "rope_type='yarn'"),
-    (tiny_llama, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 16, "partial_rotary_factor": 0.5}},
+    (tiny_llama, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                   "partial_rotary_factor": 0.5}},
      "partial_rotary_factor=0.5"),
 ]
 

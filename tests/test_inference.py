@@ -155,7 +155,8 @@ def test_no_model_is_one_line(capsys):
 
 def test_options_and_commands_share_one_parser():
     from inference import updated
-    settings = updated(GenerationSettings(), {"temp": "0", "top_k": "None", "top_p": "0.9", "max_len": "50", "seed": "3"})
+    settings = updated(GenerationSettings(), {"temp": "0", "top_k": "None", "top_p": "0.9", "max_len": "50",
+                                              "seed": "3"})
     assert settings == GenerationSettings(temp=0.0, top_k=None, top_p=0.9, max_len=50, seed=3)
     assert updated(settings, {"top_k": "40", "min_p": "none"}) == GenerationSettings(
         temp=0.0, top_k=40, top_p=0.9, min_p=None, max_len=50, seed=3)
@@ -167,7 +168,8 @@ def test_options_and_commands_share_one_parser():
 
 def test_errors_in_the_shell_are_one_line_and_a_failure_status(checkpoint):
     out = run(checkpoint, "A", "--top_p=1.5")
-    assert (out.returncode, out.stdout, out.stderr) == (2, "", "error: top_p=1.5 is not valid: must be None or in (0, 1]\n")
+    assert (out.returncode, out.stdout, out.stderr) == (2, "",
+                                                        "error: top_p=1.5 is not valid: must be None or in (0, 1]\n")
     out = run("no-such-model", "A")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith("error: no model 'no-such-model'") and out.stderr.count("\n") == 1
@@ -186,4 +188,5 @@ def test_generation_goes_past_the_context(short_context, capsys):
     out = run(short_context, TEXT * 4, "--temp=0", "--max_len=20")
     assert out.returncode == 0, out.stderr
     assert out.stdout == TEXT * 4 + TEXT * 2 + "Ab\n"  # "!" is followed by "A": 20 bytes are TEXT twice and "Ab"
-    assert "a prompt of 37 tokens is longer than the model's context_length=16: the model sees its last 16" in out.stderr
+    assert ("a prompt of 37 tokens is longer than the model's context_length=16: "
+            "the model sees its last 16") in out.stderr

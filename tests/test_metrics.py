@@ -63,7 +63,8 @@ def test_every_token_of_a_long_document_is_scored_once_with_context():
                     assert inputs[position].item() in ids + tokenizer.encode("short", bos=True)
     assert scored == ids[1:] + tokenizer.encode("short")
     # each scored token after the first window sees at least context - stride = 4 earlier tokens
-    first_scored = [next(i for i, t in enumerate(row.tolist()) if t != IGNORE_INDEX) for b in batches for row in b["targets"]]
+    first_scored = [next(i for i, t in enumerate(row.tolist()) if t != IGNORE_INDEX)
+                    for b in batches for row in b["targets"]]
     assert first_scored[0] == 0 and all(p >= 3 for p in first_scored[1:-1])
 
 
@@ -74,7 +75,8 @@ def test_tiny_contexts_score_each_token_after_its_window(context_length):
     so it is predicted from tokens start..t-1."""
     torch.manual_seed(0)
     tokenizer = load_tokenizer("bytes")
-    model = Model(ModelConfig.preset("gpt2-1m", vocab_size=259, dim=32, n_layers=1, context_length=context_length)).eval()
+    model = Model(ModelConfig.preset("gpt2-1m", vocab_size=259, dim=32, n_layers=1,
+                                     context_length=context_length)).eval()
     text = "A fox jumps over the lazy dog, twice."
     ids = tokenizer.encode(text, bos=True)
     stride = max(1, context_length // 2)

@@ -51,7 +51,8 @@ def test_wsd_refuses_a_warmup_that_runs_into_the_decay():
 @settings(max_examples=300, deadline=None)
 @given(schedule=st.sampled_from(["cosine", "wsd", "constant"]), max_steps=st.integers(1, 400),
        warmup_steps=st.integers(0, 400), decay_fraction=st.floats(0.01, 1.0), min_lr=st.floats(0.0, 1e-3))
-def test_every_accepted_schedule_changes_the_rate_without_jumps(schedule, max_steps, warmup_steps, decay_fraction, min_lr):
+def test_every_accepted_schedule_changes_the_rate_without_jumps(schedule, max_steps, warmup_steps, decay_fraction,
+                                                                 min_lr):
     """Between two steps the rate moves at most as fast as warmup's ramp or the decay's steepest slope."""
     try:
         cfg = TrainConfig(schedule=schedule, lr=1e-3, min_lr=min_lr, max_steps=max_steps, warmup_steps=warmup_steps,

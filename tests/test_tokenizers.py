@@ -501,7 +501,8 @@ def test_empty_input_is_one_line_not_sentencepiece_internal_error(tmp_path):
     for name in ("empty.txt", "blank.txt"):
         with pytest.raises(SystemExit) as exit_info:
             main(["--name", "x", "--data", str(tmp_path / name), "--out", str(tmp_path / "x"), "--quiet"])
-        assert str(exit_info.value.code) == f"error: {tmp_path / name} holds no text (empty or only blank lines): give files with text"
+        assert str(exit_info.value.code) == (f"error: {tmp_path / name} holds no text (empty or only blank lines): "
+                                             f"give files with text")
     with pytest.raises(TokenizerError, match="no text to train on"):
         train_family(["", ""], [300], tmp_path / "y", verbose=False)
 
@@ -524,8 +525,8 @@ def test_fingerprint_is_what_decides_the_ids(tmp_path):
     named, by_path = load_tokenizer("tinystories-2048"), load_tokenizer(str(TOKENIZERS_DIR / "tinystories"), 2048)
     assert named.name != by_path.name and named.fingerprint == by_path.fingerprint
     assert named.fingerprint == hashlib.sha256(named.sp.serialized_model_proto()).hexdigest()
-    others = [load_tokenizer("tinystories-2047"), load_tokenizer("tinystories-4096"), load_tokenizer("fineweb-edu-2048"),
-              load_tokenizer("bytes")]
+    others = [load_tokenizer("tinystories-2047"), load_tokenizer("tinystories-4096"),
+              load_tokenizer("fineweb-edu-2048"), load_tokenizer("bytes")]
     assert len({named.fingerprint, *(t.fingerprint for t in others)}) == 5
     assert load_tokenizer("bytes").fingerprint == ByteTokenizer().fingerprint
     assert data.tokenizer_fingerprint(named) == named.fingerprint  # the token cache is keyed by the same one
@@ -611,7 +612,8 @@ def test_models_saved_before_the_record_load_as_before():
     saved = json.loads((folder / MODEL_CONFIG).read_text())
     assert "tokenizer" not in saved  # shipped before fingerprints existed
     model, tokenizer = tools.load_model("Llama3_1m_atto")
-    assert (tokenizer.name, tokenizer.fingerprint) == ("tinystories-2048", load_tokenizer("tinystories-2048").fingerprint)
+    assert (tokenizer.name, tokenizer.fingerprint) == ("tinystories-2048",
+                                                       load_tokenizer("tinystories-2048").fingerprint)
     direct = Model(ModelConfig.from_dict(saved))
     weights, _ = checkpoint.load_state_dict_file(folder / checkpoint.WEIGHTS)
     direct.load_state_dict(weights)

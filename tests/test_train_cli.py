@@ -18,7 +18,8 @@ from train import configs
 def test_overrides_reach_both_configs_with_their_types():
     model_cfg, train_cfg, flags, stop_at = configs(
         ["--name=tiny", "--n_layers=8", "--lr=3e-4", "--device", "cpu", "--model.dim=64", "--train.batch_size=2",
-         "--sliding_window=None", "--qk_norm", "--compile=false", "--rope_scaling={\"factor\": 8, \"low_freq_factor\": 1,"
+         "--sliding_window=None", "--qk_norm", "--compile=false",
+         "--rope_scaling={\"factor\": 8, \"low_freq_factor\": 1,"
          " \"high_freq_factor\": 4, \"original_max_position_embeddings\": 64}", "--stop_at=5", "--overwrite"])
     assert (model_cfg.n_layers, model_cfg.dim, model_cfg.head_dim, model_cfg.qk_norm) == (8, 64, 16, True)
     assert model_cfg.rope_scaling["factor"] == 8 and model_cfg.sliding_window is None
@@ -70,7 +71,8 @@ def test_script_errors_are_one_line_without_traceback(tmp_path):
     for argv, message in [(["--n_layer=2"], r"error: unknown setting --n_layer \(did you mean n_layers\?\)"),
                           (["--data=/no/such/file.txt", "--tokenizer=bytes"], "error: no data at '/no/such/file.txt'"),
                           (["--tokenizer=klingon-512"], "error: unknown tokenizer family 'klingon'"),
-                          (["--resume", "--name=nothing"], r"error: nothing to resume: \S*trained/nothing holds no run"),
+                          (["--resume", "--name=nothing"],
+                           r"error: nothing to resume: \S*trained/nothing holds no run"),
                           (["--stop_at=0"], r"error: stop_at=0 is not valid: must be a positive step number$"),
                           (["--stop_at=-3"], r"error: stop_at=-3 is not valid: must be a positive step number$")]:
         done = run_train(tmp_path, *argv)

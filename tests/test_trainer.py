@@ -38,7 +38,8 @@ def corpus(n_docs=400, seed=0):
     """Short documents from a tiny grammar: learnable, so losses must fall."""
     rng = np.random.default_rng(seed)
     names, verbs, things = ["Tom", "Lily", "the cat", "a dog"], ["saw", "liked", "found"], ["a ball", "the sun", "milk"]
-    return ["".join(f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(things)}. " for _ in range(rng.integers(2, 6)))
+    return ["".join(f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(things)}. "
+                    for _ in range(rng.integers(2, 6)))
             for _ in range(n_docs)]
 
 
@@ -73,7 +74,8 @@ def log(out):
 def test_a_run_writes_its_outputs_and_learns(workspace):
     out = run(workspace, max_steps=40)
     assert sorted(p.name for p in out.iterdir()) == ["log_data.csv", "model.safetensors", "model_config.json",
-                                                      "provenance.json", "stability.csv", "train_config.json", "training_state.pt"]
+                                                      "provenance.json", "stability.csv", "train_config.json",
+                                                      "training_state.pt"]
     rows = log(out)
     assert list(rows.columns) == trainer.LOG_COLUMNS
     assert rows["step"].tolist() == sorted(set(range(2, 41, 2)) | set(range(5, 41, 5)))
@@ -97,7 +99,8 @@ def test_a_run_writes_its_outputs_and_learns(workspace):
                                   32, 4, 2 * 4)
     with torch.no_grad():
         losses = [model(**batch)[1].item() * batch["targets"].numel() for batch in val]
-    assert sum(losses) / sum(b["targets"].numel() for b in val) == pytest.approx(evaluated["val_loss"].iloc[-1], abs=1e-5)
+    assert sum(losses) / sum(b["targets"].numel() for b in val) == pytest.approx(evaluated["val_loss"].iloc[-1],
+                                                                                 abs=1e-5)
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(workspace):
@@ -122,8 +125,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(workspace, monkeypatch):
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_step", interrupted_step)
-    with pytest.raises(trainer.Interrupted, match=r"^Ctrl\+C \(SIGINT\) at step 7: saved a checkpoint in .*interrupted; "
-                                                  r"continue it with --resume$") as stopped:
+    with pytest.raises(trainer.Interrupted,
+                       match=r"^Ctrl\+C \(SIGINT\) at step 7: saved a checkpoint in .*interrupted; "
+                             r"continue it with --resume$") as stopped:
         run(workspace, name="interrupted")
     assert stopped.value.exit_code == 130
     out = checkpoint.TRAINED / "interrupted"
@@ -245,9 +249,11 @@ def test_a_bad_gradient_stops_too_and_resume_is_offered_only_with_a_checkpoint(w
 
 
 @pytest.mark.parametrize("failure", ["no data", "bad tokenizer", "missing package", "first step"])
-def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_that_blocks_a_rerun(workspace, monkeypatch, failure):
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_that_blocks_a_rerun(workspace, monkeypatch,
+                                                                                          failure):
     command = "python train.py --name=run"
-    settings = {"no data": {"data": str(workspace.parent / "missing.txt")}, "bad tokenizer": {"tokenizer": "klingon-512"},
+    settings = {"no data": {"data": str(workspace.parent / "missing.txt")},
+                "bad tokenizer": {"tokenizer": "klingon-512"},
                 "missing package": {"tensorboard": True}, "first step": {}}[failure]
 
     def out_of_memory(*args, **kwargs):
@@ -268,10 +274,12 @@ def test_what_a_folder_holds_decides_the_message_and_a_run_is_replaced_only_when
     out = checkpoint.TRAINED / "run"
     out.mkdir(parents=True)
     (out / "model_config.json").write_text("{}")  # as a run killed before its first checkpoint leaves it
-    advice = r"but no checkpoint to resume from \(training_state.pt\): pass --overwrite to start again, or choose another --name$"
+    advice = (r"but no checkpoint to resume from \(training_state.pt\): "
+              r"pass --overwrite to start again, or choose another --name$")
     for settings, message in [({}, r"^\S+run holds files " + advice),
                               ({"resume": True}, r"^nothing to resume: \S+run holds files " + advice),
-                              ({"resume": True, "overwrite": True}, r"^--resume and --overwrite contradict each other")]:
+                              ({"resume": True, "overwrite": True},
+                               r"^--resume and --overwrite contradict each other")]:
         with pytest.raises(TrainError, match=message):
             run(workspace, **settings)
     (out / "model.safetensors").write_bytes(b"")  # a model without its training state, as the shipped ones
@@ -422,7 +430,8 @@ def test_weight_decay_only_on_matrices():
         names = {id(p): n for n, p in model.named_parameters()}
         decayed_names = sorted(names[id(p)] for p in decayed["params"])
         assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
-        assert all(n.endswith("weight") and ("attention." in n or "mlp." in n or n == "head.weight") for n in decayed_names)
+        assert all(n.endswith("weight") and ("attention." in n or "mlp." in n or n == "head.weight")
+                   for n in decayed_names)
         assert ("head.weight" in decayed_names) == (preset == "llama3-1m")  # a tied head is the embedding
         assert not any("norm" in names[id(p)] or "embed" in names[id(p)] for p in decayed["params"])
         assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
@@ -477,7 +486,8 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch_through
     torchrun(workspace, "two", 2, "--batch_size=4", f"--fsdp={sharding == 'fsdp'}", "--stop_at=6",
              f"--optimizer={optimizer}")
     two = torchrun(workspace, "two", 2, "--resume")
-    assert np.allclose(one[EXACT_COLUMNS].to_numpy(float), two[EXACT_COLUMNS].to_numpy(float), atol=1e-5, equal_nan=True)
+    assert np.allclose(one[EXACT_COLUMNS].to_numpy(float), two[EXACT_COLUMNS].to_numpy(float), atol=1e-5,
+                       equal_nan=True)
     assert two["step"].tolist() == [4, 8] and two["tokens_seen"].iloc[-1] == 8 * 8 * 32
     written = (checkpoint.TRAINED / "two").iterdir()  # (and the diff of this checkout, when it has changes)
     assert sorted(p.name for p in written if not p.match(provenance.DIFF_PATTERN)) == [

@@ -34,7 +34,8 @@ def parse_value(field: dataclasses.Field, text: str):
             return value
         return kind(text)
     except ValueError:
-        expected = {bool: "true or false", int: "an integer", float: "a number", dict: "a JSON object"}.get(kind, kind.__name__)
+        expected = {bool: "true or false", int: "an integer", float: "a number",
+                    dict: "a JSON object"}.get(kind, kind.__name__)
         raise ConfigError(f"--{field.name}={text!r} is not valid: expected {expected}") from None
 
 
@@ -101,7 +102,8 @@ def describe_settings(model_cfg, train_cfg, run_options: dict[str, str]) -> str:
         cls = type(cfg)
         rows.append((f"{cls.__name__} (--field=value or --{cls.__name__[:-6].lower()}.field=value):", None))
         descriptions = field_descriptions(cls)
-        rows += [(f"  --{f.name}={getattr(cfg, f.name)}", descriptions.get(f.name, "")) for f in dataclasses.fields(cls)]
+        rows += [(f"  --{f.name}={getattr(cfg, f.name)}", descriptions.get(f.name, ""))
+                 for f in dataclasses.fields(cls)]
     width = max(len(left) for left, text in rows if text is not None) + 2
     return "\n".join(left if text is None else f"{left:<{width}}{text}" for left, text in rows)
 

@@ -495,7 +495,8 @@ class Batches:
         self.batches_per_epoch = self.n_windows // self.global_batch
         if self.batches_per_epoch == 0:
             raise DataError(f"{len(data)} training tokens make {self.n_windows} windows of {seq_len}, fewer than one "
-                            f"global batch of {self.global_batch}: use more data or a smaller batch_size/context_length")
+                            f"global batch of {self.global_batch}: "
+                            f"use more data or a smaller batch_size/context_length")
         self.epoch, self.index, self._order = 0, 0, None
 
     def order(self) -> torch.Tensor:

@@ -63,7 +63,8 @@ BUDGETS = {"steps": "equal optimizer steps", "tokens": "equal training tokens",
 KEYS = ("name", "base", "seeds", "budget", "eval_data", "train", "model", "variants", "lr_grid", "sizes", "threads",
         "slurm")
 # How a run executes, not what it computes: these may change between invocations of one experiment.
-RUN_ONLY = ("name", "device", "compile", "tensorboard", "save_every", "fsdp", "data")  # data: the trainer checks its sha256
+# data: the trainer checks its sha256
+RUN_ONLY = ("name", "device", "compile", "tensorboard", "save_every", "fsdp", "data")
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
@@ -98,7 +99,8 @@ class Budget:
                                   f"e.g. budget = {{ flops = 3e13 }} or --budget=steps:400")
         (kind, amount), = value.items()
         if kind not in BUDGETS:
-            raise ExperimentError(f"budget kind {kind!r} is not valid{closest(kind, BUDGETS)}; choose one of: {', '.join(BUDGETS)}")
+            raise ExperimentError(f"budget kind {kind!r} is not valid{closest(kind, BUDGETS)}; "
+                                  f"choose one of: {', '.join(BUDGETS)}")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
             raise ExperimentError(f"budget {kind}={amount!r} is not valid: must be a positive number")
         return cls(kind, float(amount))
@@ -244,8 +246,10 @@ class Experiment:
         for key in ("train", "model", "slurm"):
             if not isinstance(values.get(key, {}), dict):
                 raise ExperimentError(f"{where}: {key} must be a table ([{key}] with field = value lines)")
-        if not isinstance(values["variants"], dict) or not all(isinstance(v, dict) for v in values["variants"].values()):
-            raise ExperimentError(f"{where}: variants must be a table of tables, e.g. layernorm = {{ norm = \"layernorm\" }}")
+        if not isinstance(values["variants"], dict) or not all(isinstance(v, dict)
+                                                               for v in values["variants"].values()):
+            raise ExperimentError(f"{where}: variants must be a table of tables, "
+                                  f"e.g. layernorm = {{ norm = \"layernorm\" }}")
         seeds = values.get("seeds", [0, 1, 2])
         seeds = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
         sizes = values.get("sizes")
@@ -330,7 +334,8 @@ class Experiment:
                                   f"trained/{closest(self.base, PRESETS)}")
         train_values = read_json(folder / TRAIN_CONFIG) if (folder / TRAIN_CONFIG).is_file() else {}
         train_values = {k: v for k, v in train_values.items() if k in TRAIN_FIELDS}
-        model_values = {k: v for k, v in read_json(folder / MODEL_CONFIG).items() if k in MODEL_FIELDS}  # not the records
+        # not the records
+        model_values = {k: v for k, v in read_json(folder / MODEL_CONFIG).items() if k in MODEL_FIELDS}
         return underived(model_values), {**TrainConfig().to_dict(), **train_values}
 
     def settings(self, size: str, overrides: dict, where: str) -> tuple[dict, dict]:
@@ -341,7 +346,8 @@ class Experiment:
         model_values = {**base_model, **self.model, **size_model, **variant_model}
         train_values = {**base_train, **self.train, **size_train, **variant_train}
         chosen = {**self.model, **size_model, **variant_model}
-        if "vocab_size" not in chosen and (self.base in PRESETS or train_values["tokenizer"] != base_train["tokenizer"]):
+        if "vocab_size" not in chosen and (self.base in PRESETS
+                                           or train_values["tokenizer"] != base_train["tokenizer"]):
             model_values["vocab_size"] = vocab_size_of(train_values["tokenizer"])  # as train.py: follow the tokenizer
         return model_values, train_values
 
@@ -363,7 +369,8 @@ class Experiment:
             model_cfg = ModelConfig.from_dict(model_values)
             params, params_without_embeddings, flops_per_token = cost(model_cfg)
             tokens_per_step = train_values["batch_size"] * train_values["grad_accum"] * model_cfg.context_length
-            train_values["max_steps"] = self.budget.max_steps(tokens_per_step, flops_per_token, train_values["max_steps"])
+            train_values["max_steps"] = self.budget.max_steps(tokens_per_step, flops_per_token,
+                                                              train_values["max_steps"])
             if self.budget.kind == "minutes":
                 train_values["max_minutes"] = self.budget.amount
             train_cfg = TrainConfig.from_dict(train_values)
@@ -470,7 +477,8 @@ def last_logged(log: pd.DataFrame) -> dict:
         return {"steps": 0, "tokens": 0, "elapsed_s": 0.0, "val_bpb": None}
     val = log.dropna(subset=["val_bpb"])
     return {"steps": int(log["step"].iloc[-1]), "tokens": int(log["tokens_seen"].iloc[-1]),
-            "elapsed_s": float(log["elapsed_s"].iloc[-1]), "val_bpb": float(val["val_bpb"].iloc[-1]) if len(val) else None}
+            "elapsed_s": float(log["elapsed_s"].iloc[-1]),
+            "val_bpb": float(val["val_bpb"].iloc[-1]) if len(val) else None}
 
 
 def device_name(device: torch.device) -> str:

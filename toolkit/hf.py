@@ -31,7 +31,8 @@ def hf_directory(name_or_path: str) -> Path:
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except RepositoryNotFoundError:
-        raise LoadError(f"no model {name_or_path!r} on the Hugging Face hub and no such directory or trained/ model") from None
+        raise LoadError(f"no model {name_or_path!r} on the Hugging Face hub "
+                        f"and no such directory or trained/ model") from None
     except LocalEntryNotFoundError:
         raise LoadError(f"cannot download {name_or_path!r} (offline?) and it is not cached: connect once, "
                         f"or pass a local checkpoint directory") from None
@@ -64,13 +65,15 @@ def read_hf_config(directory: Path):
     kind = hf.get("model_type")
     classes = {"gpt2": GPT2Config, "llama": LlamaConfig}
     if kind not in classes:
-        raise LoadError(f"model_type {kind!r} is not supported: only GPT-2 ('gpt2') and Llama ('llama') checkpoints convert")
+        raise LoadError(f"model_type {kind!r} is not supported: "
+                        f"only GPT-2 ('gpt2') and Llama ('llama') checkpoints convert")
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # not its warnings about bos/eos ids: the conversion does not use them
     try:
         return classes[kind].from_dict(hf)
     except (ValueError, TypeError, KeyError) as e:
-        raise LoadError(f"{directory}/config.json is not a valid {kind} config: {' '.join(str(e).split())[:200]}") from None
+        raise LoadError(f"{directory}/config.json is not a valid {kind} config: "
+                        f"{' '.join(str(e).split())[:200]}") from None
     finally:
         logging.set_verbosity(verbosity)
 
@@ -93,7 +96,8 @@ def rope_settings(hf):
     theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
     partial = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
-    refuse(partial != 1.0, "partial_rotary_factor", partial, "is not supported: rotary embeddings here turn every channel")
+    refuse(partial != 1.0, "partial_rotary_factor", partial,
+           "is not supported: rotary embeddings here turn every channel")
     if kind == "default":
         return theta, None
     refuse(kind != "llama3", f"{field}.rope_type", kind, "is not supported (only the default and Llama 3.1's 'llama3')")
@@ -111,7 +115,8 @@ def config_from_hf(hf) -> ModelConfig:
                "is not supported: cross-attention needs an encoder and the models here are decoder-only")
         return ModelConfig.preset(
             "gpt2", vocab_size=hf.vocab_size, context_length=hf.n_positions, dim=hf.n_embd, n_layers=hf.n_layer,
-            n_heads=hf.n_head, mlp_hidden=hf.n_inner or 4 * hf.n_embd, activation=activation_of(hf, "activation_function"),
+            n_heads=hf.n_head, mlp_hidden=hf.n_inner or 4 * hf.n_embd,
+            activation=activation_of(hf, "activation_function"),
             norm_eps=hf.layer_norm_epsilon, embed_dropout=hf.embd_pdrop, attn_dropout=hf.attn_pdrop,
             resid_dropout=hf.resid_pdrop, tie_embeddings=hf.tie_word_embeddings)
     # pretraining_tp (transformers 4) only slices the same matmuls; attention_bias and mlp_bias differing
@@ -197,7 +202,8 @@ def load_hf_model(name_or_path: str, device="cpu", dtype=torch.float32) -> Model
     try:
         state = convert(read_hf_weights(directory), cfg, hf)
     except KeyError as e:
-        raise LoadError(f"{directory}: weight {e} is missing: the checkpoint is incomplete or not {hf.model_type}") from None
+        raise LoadError(f"{directory}: weight {e} is missing: "
+                        f"the checkpoint is incomplete or not {hf.model_type}") from None
     if cfg.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
     model = Model(cfg)
@@ -243,7 +249,8 @@ def hf_config_for(cfg: ModelConfig, tokenizer=None):
             layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.resid_dropout, embd_pdrop=cfg.embed_dropout,
             attn_pdrop=cfg.attn_dropout, tie_word_embeddings=cfg.tie_embeddings, **special)
     if cfg.positions == "rope":
-        for field, value in common + [("norm", "rmsnorm"), ("norm_bias", False), ("mlp", "gated"), ("embed_dropout", 0.0), ("resid_dropout", 0.0)]:
+        for field, value in common + [("norm", "rmsnorm"), ("norm_bias", False), ("mlp", "gated"),
+                                      ("embed_dropout", 0.0), ("resid_dropout", 0.0)]:
             need(getattr(cfg, field) == value, field, getattr(cfg, field), "Llama")
         return LlamaConfig(**llama_family_settings(cfg), attention_bias=cfg.bias, mlp_bias=cfg.bias, **special)
     raise ValueError(f"cannot export: positions={cfg.positions!r} maps to neither GPT-2 ('learned') nor Llama ('rope')")
@@ -284,7 +291,8 @@ def project_to_hf(model: Model) -> dict:
             qw, kw, vw = sd[f"{ours}attention.qkv.{suffix}"].split([q, kv, kv])
             gate, up = sd[f"{ours}mlp.up.{suffix}"].chunk(2)
             out.update({f"{p}self_attn.q_proj.{suffix}": qw, f"{p}self_attn.k_proj.{suffix}": kw,
-                        f"{p}self_attn.v_proj.{suffix}": vw, f"{p}self_attn.o_proj.{suffix}": sd[f"{ours}attention.out.{suffix}"],
+                        f"{p}self_attn.v_proj.{suffix}": vw,
+                        f"{p}self_attn.o_proj.{suffix}": sd[f"{ours}attention.out.{suffix}"],
                         f"{p}mlp.gate_proj.{suffix}": gate, f"{p}mlp.up_proj.{suffix}": up,
                         f"{p}mlp.down_proj.{suffix}": sd[f"{ours}mlp.down.{suffix}"]})
     return out

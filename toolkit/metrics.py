@@ -102,6 +102,8 @@ def text_batches(tokenizer, documents: list[str], context_length: int, batch_siz
     for i in range(0, len(windows), batch_size):
         chunk = windows[i:i + batch_size]
         width = max(len(inputs) for inputs, _ in chunk)
-        pad = lambda row, value: row + [value] * (width - len(row))
+
+        def pad(row, value):
+            return row + [value] * (width - len(row))
         yield {"input_ids": torch.tensor([pad(list(inputs), tokenizer.pad_id) for inputs, _ in chunk]),
                "targets": torch.tensor([pad(targets, IGNORE_INDEX) for _, targets in chunk])}

@@ -17,7 +17,8 @@ from toolkit.stability import STABILITY
 from toolkit.trainer import LOG, STATE
 
 EDGE = "inconclusive (learning rate at the grid's edge)"
-X_AXES = {"step": "optimizer steps", "tokens": "training tokens", "flops": "training FLOPs", "time": "training time (s)"}
+X_AXES = {"step": "optimizer steps", "tokens": "training tokens", "flops": "training FLOPs",
+          "time": "training time (s)"}
 
 
 @dataclass
@@ -48,7 +49,8 @@ class Study:
         self.experiment = experiment
         self.runs = experiment.runs()
         self.results = {run.name: run.result() for run in self.runs}
-        self.variants = {size: [self.variant(size, name) for name in experiment.variants] for size in experiment.size_labels}
+        self.variants = {size: [self.variant(size, name) for name in experiment.variants]
+                         for size in experiment.size_labels}
 
     def variant(self, size: str, name: str) -> Variant:
         runs = self.experiment.verdict_runs(size, name)
@@ -66,7 +68,8 @@ class Study:
         seeds_after_grid = len(self.experiment.seeds) - 1
         for size, variants in self.variants.items():
             names += [f"{self.experiment.name}/{size + '/' if size else ''}{v.name}: {seeds_after_grid} seed(s) after "
-                      f"the grid" for v in variants if not v.runs and seeds_after_grid and self.grid_pending(size, v.name)]
+                      f"the grid"
+                      for v in variants if not v.runs and seeds_after_grid and self.grid_pending(size, v.name)]
         return names
 
     def grid_pending(self, size: str, variant: str) -> bool:
@@ -109,7 +112,8 @@ def describe_variant(v: Variant) -> dict:
             "seeds": len(v.finished), "diverged": len(v.diverged),
             "params": run.params if run else math.nan,
             "params_without_embeddings": run.params_without_embeddings if run else math.nan,
-            "flops_per_token": run.flops_per_token if run else math.nan, "steps": mean("steps"), "tokens": mean("tokens"),
+            "flops_per_token": run.flops_per_token if run else math.nan, "steps": mean("steps"),
+            "tokens": mean("tokens"),
             "train_flops": mean("tokens") * run.flops_per_token if run else math.nan, "time_s": mean("elapsed_s"),
             "bpb_mean": summary.mean, "bpb_std": summary.std, "bpb_ci_low": summary.ci_low,
             "bpb_ci_high": summary.ci_high}
@@ -207,7 +211,8 @@ def stability(v: Variant) -> dict:
                              key=lambda c: part_order(c.removeprefix("grad_norm."))):
             part_norms.setdefault(column.removeprefix("grad_norm."), []).append(table[column].mean())
     parts = {part: sum(values) / len(values) for part, values in part_norms.items()}
-    return {"variant": v.name, "grad_norm_max": grad_max, "logits_rms": sum(logits) / len(logits) if logits else math.nan,
+    return {"variant": v.name, "grad_norm_max": grad_max,
+            "logits_rms": sum(logits) / len(logits) if logits else math.nan,
             "loss_spikes": spikes, "largest_rise": rise, "diverged": len(v.diverged), "part_grad_norms": parts}
 
 
@@ -438,14 +443,15 @@ def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def verdict_section(study: Study, size: str, table: pd.DataFrame, grid: bool) -> list[str]:
-    header = ["variant", "params (no emb.)", "FLOPs/token", "steps", "tokens", "time (s)"] + (["lr"] if grid else []) + \
-        ["held-out bpb (mean ± std)", "95% CI", "Δ vs baseline", "95% CI of Δ", "p", "p (Holm)", "call"]
+    header = (["variant", "params (no emb.)", "FLOPs/token", "steps", "tokens", "time (s)"] + (["lr"] if grid else [])
+              + ["held-out bpb (mean ± std)", "95% CI", "Δ vs baseline", "95% CI of Δ", "p", "p (Holm)", "call"])
     rows = []
     for r in table.to_dict("records"):
         rows.append([f"`{r['variant']}`", f"{count(r['params'])} ({count(r['params_without_embeddings'])})",
                      count(r["flops_per_token"]), count(r["steps"]), count(r["tokens"]), count(r["time_s"])]
                     + ([f"{r['lr']:g}"] if grid else [])
-                    + [f"{number(r['bpb_mean'])} ± {number(r['bpb_std'])}" + (f" ({r['diverged']} diverged)" if r["diverged"] else ""),
+                    + [f"{number(r['bpb_mean'])} ± {number(r['bpb_std'])}"
+                       + (f" ({r['diverged']} diverged)" if r["diverged"] else ""),
                        f"[{number(r['bpb_ci_low'])}, {number(r['bpb_ci_high'])}]",
                        signed(r.get("diff_mean")), interval(r.get("diff_ci_low"), r.get("diff_ci_high")),
                        p_value(r.get("p")), p_value(r.get("p_holm")), f"**{r['call']}**"])
@@ -508,15 +514,16 @@ def report_text(study: Study, tables: dict[str, pd.DataFrame], files: list[str])
              f"Base `{experiment.base}`, {len(experiment.variants)} variants × {len(experiment.seeds)} seeds "
              f"({', '.join(map(str, experiment.seeds))}; a seed fixes the initial weights and the data order, the same "
              f"for every variant). Budget: {experiment.budget.describe()}."
-             + (f" Learning rate chosen per variant from {', '.join(f'{r:g}' for r in experiment.lr_grid)} by the first "
-                f"seed's validation bits per byte." if experiment.lr_grid else ""),
+             + (f" Learning rate chosen per variant from {', '.join(f'{r:g}' for r in experiment.lr_grid)} "
+                f"by the first seed's validation bits per byte." if experiment.lr_grid else ""),
              "",
              f"Held-out text: `{experiment.eval_data}`" + (f" ({eval_bytes:,} UTF-8 bytes)" if eval_bytes else "")
              + ", scored in bits per byte with each run's own tokenizer, every token once.",
              "",
              f"Test: the difference from `{experiment.baseline}` paired by seed, two-sided paired t-test"
-             + (f", p-values Holm-adjusted over the {n_variants} variants; the call uses the adjusted p" if n_variants > 1
-                else "; the call uses p") + " at α = 0.05 (differences all exactly zero give p = 1).", ""]
+             + (f", p-values Holm-adjusted over the {n_variants} variants; the call uses the adjusted p"
+                if n_variants > 1 else "; the call uses p")
+             + " at α = 0.05 (differences all exactly zero give p = 1).", ""]
     missing = study.missing
     if missing:
         lines += [f"**Incomplete**: {len(missing)} run(s) have not ended: {', '.join(missing[:10])}"
@@ -527,12 +534,14 @@ def report_text(study: Study, tables: dict[str, pd.DataFrame], files: list[str])
     lines += markdown(["variant", "changes from the base config"], [[f"`{k}`", v] for k, v in diff.items()]) + [""]
     lines += ["## Verdict", ""]
     for size, table in tables.items():
-        lines += ([f"### {size}", ""] if size else []) + verdict_section(study, size, table, bool(experiment.lr_grid)) + [""]
+        lines += (([f"### {size}", ""] if size else []) + verdict_section(study, size, table, bool(experiment.lr_grid))
+                  + [""])
     if "difference.png" in files:
         lines += ["![difference from the baseline](difference.png)", ""]
     if experiment.sizes and len(experiment.sizes) > 1:
         lines += ["## Transfer across sizes", "", transfer(study)[1], "", "![transfer](transfer.png)", ""]
-    lines += ["## Curves", "", "Validation bits per byte (the training data's held-out split) during training, mean over "
+    lines += ["## Curves", "",
+              "Validation bits per byte (the training data's held-out split) during training, mean over "
               "seeds with a band from the lowest to the highest seed, against each measure of the budget.", ""]
     lines += [f"![bits per byte against {X_AXES[x]}](bpb_vs_{x}.png)" for x in X_AXES] + [""]
     if experiment.lr_grid:
@@ -576,8 +585,8 @@ def provenance_section(study: Study) -> list[str]:
 def plan_table(experiment: Experiment) -> str:
     """What --dry_run prints: every run known now, its size, cost, what the budget gives it and where it stands."""
     runs = experiment.runs()
-    lines = [f"{experiment.name}: base {experiment.base}, {len(experiment.variants)} variants x {len(experiment.seeds)} "
-             f"seeds" + (f" x {len(experiment.sizes)} sizes" if experiment.sizes else "")
+    lines = [f"{experiment.name}: base {experiment.base}, {len(experiment.variants)} variants x "
+             f"{len(experiment.seeds)} seeds" + (f" x {len(experiment.sizes)} sizes" if experiment.sizes else "")
              + f"; budget: {experiment.budget.describe()}; held-out text: {experiment.eval_data}"]
     header = ["run", "params (no emb.)", "FLOPs/token", "steps", "tokens", "train FLOPs", "status"]
     rows = []
@@ -586,12 +595,13 @@ def plan_table(experiment: Experiment) -> str:
         tokens = steps * run.tokens_per_step
         limit = f" or {run.train.max_minutes:g} min" if run.train.max_minutes else ""
         rows.append([run.name, f"{count(run.params)} ({count(run.params_without_embeddings)})",
-                     count(run.flops_per_token), f"{steps}{limit}", count(tokens), f"{tokens * run.flops_per_token:.3g}",
-                     run_status(run)])
+                     count(run.flops_per_token), f"{steps}{limit}", count(tokens),
+                     f"{tokens * run.flops_per_token:.3g}", run_status(run)])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines += ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     if experiment.lr_grid:
-        waiting = [f"{size + '/' if size else ''}{name}" for size in experiment.size_labels for name in experiment.variants
+        waiting = [f"{size + '/' if size else ''}{name}"
+                   for size in experiment.size_labels for name in experiment.variants
                    if experiment.best_lr(size, name) is None]
         if waiting and len(experiment.seeds) > 1:
             lines.append(f"then seeds {', '.join(map(str, experiment.seeds[1:]))} of {', '.join(waiting)} at the rate "

@@ -64,8 +64,8 @@ STATE = "training_state.pt"
 LOG = "log_data.csv"
 COMMAND = "command.txt"
 RUN_FILES = (WEIGHTS, MODEL_CONFIG, TRAIN_CONFIG, STATE, LOG, COMMAND, PROVENANCE)
-LOG_COLUMNS = ["step", "tokens_seen", "elapsed_s", "lr", "train_loss", "val_loss", "val_bpb", "grad_norm", "tokens_per_s",
-               "eval_elapsed_s", "save_elapsed_s"]
+LOG_COLUMNS = ["step", "tokens_seen", "elapsed_s", "lr", "train_loss", "val_loss", "val_bpb", "grad_norm",
+               "tokens_per_s", "eval_elapsed_s", "save_elapsed_s"]
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 STOP_SIGNALS = {signal.SIGINT: "Ctrl+C (SIGINT)", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
@@ -203,7 +203,8 @@ def build_run(model_cfg, cfg, env, out, resume, stop_at, command, progress_bar) 
     wrapped = wrap_model(model, cfg, env, device)
     optimizer = make_optimizer(model, cfg, device)  # after sharding: FSDP replaces the parameters
     run = Run(cfg, env, device, out, model, wrapped, optimizer, batches, val_set,
-              token_byte_lengths(tokenizer, model_cfg.vocab_size), Progress(), cfg.max_steps, command, settings, tokenizer)
+              token_byte_lengths(tokenizer, model_cfg.vocab_size), Progress(), cfg.max_steps, command, settings,
+              tokenizer)
     if resume:
         load_training_state(run)
         check_resumable(run, stop_at)
