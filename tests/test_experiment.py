@@ -229,9 +229,9 @@ def test_the_report_warns_when_runs_differ_in_code_or_device(study):
     experiment, _, _ = study
     folders = [checkpoint.TRAINED / f"study/{v}/seed{s}" for v in experiment.variants for s in range(3)]
     try:
-        for k, folder in enumerate(folders):  # the layout of the trainer's provenance.json does not matter
-            record = {"git": {"commit": "abc1234" if k else "def5678", "dirty": False, "diff": ""}, "threads": 1}
-            (folder / "provenance.json").write_text(json.dumps(record))
+        for k, folder in enumerate(folders):  # the trainer's layout: one entry per session
+            session = {"git_commit": "abc1234" if k else "def5678", "git_dirty": False, "git_diff": None, "threads": 1}
+            (folder / "provenance.json").write_text(json.dumps({"sessions": [session]}))
         table, warnings = report.provenance(report.Study(experiment))
     finally:
         for folder in folders:

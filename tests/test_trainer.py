@@ -331,12 +331,15 @@ def test_each_session_records_what_reproducing_it_needs(workspace, monkeypatch, 
 
     git("init", "-q")
     (repo / "model.py").write_text("x = 1\n")
+    (repo / "trained").mkdir()
+    (repo / "trained" / "weights.bin").write_bytes(b"old")  # a shipped model: an output, not code
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
     (repo / "model.py").write_text("x = 2\n")  # uncommitted during the first session
     monkeypatch.setattr(provenance, "CODE_ROOT", repo)
     run(workspace, stop_at=8)
     (repo / "model.py").write_text("x = 1\n")
+    (repo / "trained" / "weights.bin").write_bytes(b"new")  # retrained models do not make the code dirty
     out = run(workspace, resume=True)
     sessions = json.loads((out / "provenance.json").read_text())["sessions"]
     assert [s["from_step"] for s in sessions] == [0, 8]

@@ -16,6 +16,7 @@ from toolkit.data import data_sha256
 PROVENANCE = "provenance.json"
 DIFF_PATTERN = "uncommitted_*.diff"  # a dirty tree's changes, one file per session
 CODE_ROOT = Path(__file__).resolve().parent.parent  # the project whose git state is recorded
+NOT_CODE = (":(exclude)trained",)  # git pathspecs left out of the code's state
 
 
 def git(root: Path, *args: str) -> str | None:
@@ -31,8 +32,9 @@ def git_state(root: Path) -> dict:
     commit = git(root, "rev-parse", "HEAD")
     if commit is None:
         return {"git_commit": None, "git_dirty": None, "git_diff": None}
-    status = git(root, "status", "--porcelain", "--untracked-files=no")  # run outputs are untracked, not changes
-    diff = git(root, "diff", "HEAD", "--binary") if status else None
+    # The code's state: trained models (weights, logs) are outputs, not code, even where they are tracked.
+    status = git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE)
+    diff = git(root, "diff", "HEAD", "--binary", "--", ".", *NOT_CODE) if status else None
     return {"git_commit": commit.strip(), "git_dirty": None if status is None else bool(status), "git_diff": diff}
 
 

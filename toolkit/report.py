@@ -216,37 +216,28 @@ def stability(v: Variant) -> dict:
             "loss_spikes": spikes, "largest_rise": rise, "diverged": len(v.diverged), "part_grad_norms": parts}
 
 
-def flatten(values, prefix: str = "") -> dict:
-    if not isinstance(values, dict):
-        return {prefix: values}
-    flat = {}
-    for key, value in values.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def run_provenance(run: Run, result: dict) -> dict:
-    """Code, device and threads of a run: from its provenance.json (written by the trainer) where
-    there is one, whatever its exact layout, else what result.json recorded."""
+    """Code, device and threads of a run: from the sessions of its provenance.json (written by the trainer;
+    a resumed run has several) where there is one, else what result.json recorded. A dirty tree is named
+    by a hash of its diff, so that runs made from the same changes compare equal."""
     found = {"device": result.get("device"), "threads": result.get("threads"), "torch": result.get("torch"),
              "commit": None, "dirty": None}
-    path = run.folder / "provenance.json"
-    if not path.is_file():
-        return found
     try:
-        flat = flatten(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError):
+        sessions = json.loads((run.folder / "provenance.json").read_text())["sessions"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return found
-    for key, value in flat.items():
-        name = key.lower().rsplit(".", 1)[-1]
-        if "commit" in name and value:
-            found["commit"] = str(value)[:12]
-        elif "diff" in name:  # the dirty diff itself: compared by hash
-            found["dirty"] = hashlib.sha256(str(value).encode()).hexdigest()[:8] if value else "clean"
-        elif name == "dirty" and found["dirty"] is None:
-            found["dirty"] = "dirty" if value else "clean"
-        elif "thread" in name and value is not None:
-            found["threads"] = value
+    commits = sorted({s["git_commit"][:12] for s in sessions if s.get("git_commit")})
+    states = set()
+    for session in sessions:
+        if session.get("git_dirty") is None:
+            continue
+        diff = run.folder / str(session.get("git_diff"))
+        changes = diff.read_bytes() if session["git_dirty"] and diff.is_file() else b""
+        states.add(hashlib.sha256(changes).hexdigest()[:8] if session["git_dirty"] else "clean")
+    found["commit"] = ", ".join(commits) or None
+    found["dirty"] = ", ".join(sorted(states)) or None
+    if sessions and sessions[-1].get("threads") is not None:
+        found["threads"] = sessions[-1]["threads"]
     return found
 
 
