@@ -264,27 +264,28 @@ def test_a_new_norm_is_one_class_and_one_registry_line(monkeypatch):
     assert torch.isfinite(model(torch.randint(0, 211, (1, 8)))[0]).all()
 
 
-# logits[1, -1, :4] and the float64 sum of all logits of each shipped model on SHIPPED_IDS, computed by the
-# code before the per-layer redesign (commit fefa8d7) from the same files.
-SHIPPED_IDS = torch.arange(1, 65).reshape(2, 32) * 31 % 2048
-SHIPPED = {
-    "GPT2_1m_atto": (["-0x1.0dd65c0000000p+3", "-0x1.af7a6e0000000p+1", "-0x1.f96d4c0000000p+0",
-                      "-0x1.0ba9100000000p+3"], -258437.9381769787),
-    "Llama3_1m_atto": (["-0x1.88b4b20000000p+2", "-0x1.904c760000000p+1", "-0x1.d5bbd20000000p+0",
-                        "-0x1.9f721c0000000p+2"], -273728.3372321011),
+# Two small models (gpt2-1m and llama3-1m shapes at 32 dims) saved by the code before the per-layer redesign
+# (commit fefa8d7, format 1) in tests/fixtures/format1, and logits[1, -1, :4] and the float64 sum of all
+# their logits on OLD_IDS, computed by that code from the same files.
+OLD_IDS = torch.arange(1, 65).reshape(2, 32) * 31 % 256
+OLD_FORMAT = {
+    "gpt2_format1": (["-0x1.30bee60000000p-3", "-0x1.22bea40000000p-4", "0x1.8874220000000p-3",
+                      "0x1.21186a0000000p-4"], 23.534282440806237),
+    "llama3_format1": (["-0x1.97d2e00000000p-4", "0x1.3452fe0000000p-6", "-0x1.1bef8e0000000p-3",
+                        "-0x1.2e8fea0000000p-4"], -2.1769710175835826),
 }
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED))
+@pytest.mark.parametrize("name", sorted(OLD_FORMAT))
 def test_models_saved_before_the_redesign_give_bit_identical_logits(name, tmp_path):
-    """The shipped models' model_config.json predates format versions (format 1): it is migrated on load,
-    and the logits are the very bits the old code computed. Saving again writes today's format."""
-    directory = ROOT / "trained" / name
+    """A model_config.json that predates format versions (format 1) is migrated on load, and the logits
+    are the very bits the old code computed. Saving again writes today's format."""
+    directory = ROOT / "tests" / "fixtures" / "format1" / name
     assert "format_version" not in json.loads((directory / "model_config.json").read_text())
     model, _ = load_checkpoint(directory)
     with torch.no_grad():
-        logits = model(SHIPPED_IDS)[0]
-    values, total = SHIPPED[name]
+        logits = model(OLD_IDS)[0]
+    values, total = OLD_FORMAT[name]
     assert [float.hex(v) for v in logits[1, -1, :4].tolist()] == values
     assert logits.double().sum().item() == total
     save_model(model, tmp_path)

@@ -469,7 +469,9 @@ DISTRIBUTED_SETTINGS = ["--tokenizer=bytes", "--preset=llama3-1m", "--dim=32", "
 
 def torchrun(workspace, name, nproc, *extra):
     args = [f"--name={name}", *extra] + ([] if "--resume" in extra else [f"--data={workspace}", *DISTRIBUTED_SETTINGS])
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "train.py", *args]
+    # --standalone: a free port for each launch (a fixed one may still be held by the previous launch)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+               *args]
     env = {**os.environ, "TRAINED_DIR": str(checkpoint.TRAINED), "DATA_CACHE": str(data.CACHE), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -473,9 +473,9 @@ def save(run: Run, meter: Meter, bar, stop):
     with stop.saving(), bar_note(bar, "saving"):
         # Every process's partial interval, averaged: a resumed run then logs the uninterrupted run's mean.
         run.progress.interval_loss = mean_across_processes(meter.loss_sum.item(), run.env)
-        save_checkpoint(run)
-        if run.env.is_main and not run.saved:
+        if run.env.is_main and not run.saved:  # first the record, so that no checkpoint exists without it
             record_session(run)
+        save_checkpoint(run)
         run.saved, run.checkpoint_step = True, run.progress.step
         stop.checkpoint_step = run.progress.step
     meter.lap("save_elapsed_s")
