@@ -166,7 +166,7 @@ class ModelConfig(Settings):
     init_std: float = 0.02  # standard deviation of the initial weights
     # Per-layer overrides: {selector: {field: value}}, selectors as in layer_selection ('0', '1,3', '::2');
     # later entries win where they overlap. E.g. {"::2": {"sliding_window": 64}, "0": {"positions": "none"}}.
-    layers: dict | None = None  # per-layer overrides, e.g. {"::2": {"sliding_window": 64}} (see above)
+    layers: dict | None = None  # per-layer overrides {selector: {field: value}}, e.g. {"::2": {"sliding_window": 64}}
 
     def __post_init__(self):
         self.check_types()

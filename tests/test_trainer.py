@@ -474,7 +474,9 @@ def torchrun(workspace, name, nproc, *extra):
                *args]
     env = {**os.environ, "TRAINED_DIR": str(checkpoint.TRAINED), "DATA_CACHE": str(data.CACHE), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # On failure, the workers' own errors first: torchrun's summary at the end hides them.
+    errors = [line for line in done.stderr.splitlines() if "rror" in line or "bort" in line or "terminate" in line]
+    assert done.returncode == 0, " ".join(args) + "\n" + "\n".join(errors[:20]) + "\n...\n" + done.stderr[-1500:]
     return log(checkpoint.TRAINED / name)
 
 

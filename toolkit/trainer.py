@@ -172,6 +172,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=False, overwrite=Fals
             run = build_run(model_cfg, cfg, env, out, resume, stop_at, command, progress_bar)
             with run_folder(run, fresh=not resume):
                 loop(run, stop, progress_bar)
+            if env.world_size > 1:  # every process past its last collective before the group goes away
+                dist.barrier()
         finally:
             if env.world_size > 1 and dist.is_initialized():
                 dist.destroy_process_group()
