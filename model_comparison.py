@@ -117,6 +117,24 @@ def run_folder(name: str) -> Path | None:
     return None
 
 
+def experiment_verdict(name: str) -> tuple[pd.DataFrame, list[Path]]:
+    """An experiment's verdict as experiment.py wrote it under trained/NAME/: the per-variant table of
+    report.csv (held-out bits per byte over seeds, difference from the baseline, p-values, call) and
+    its plots, the difference chart first."""
+    folder = checkpoint.TRAINED / name
+    if not (folder / "report.csv").is_file():
+        raise FileNotFoundError(f"trained/{name} has no report.csv: run `python experiment.py FILE` (or --report) "
+                                f"for that experiment first")
+    table = pd.read_csv(folder / "report.csv", keep_default_na=False, na_values=[""])
+    columns = ["size", "variant", "lr", "seeds", "params", "tokens", "bpb_mean", "bpb_std", "diff_mean",
+               "diff_ci_low", "diff_ci_high", "p", "p_holm", "call"]
+    table = table[[c for c in columns if c in table]]
+    if "size" in table and table["size"].isna().all():
+        table = table.drop(columns="size")  # a study at one size
+    plots = sorted(folder.glob("*.png"), key=lambda p: (p.name != "difference.png", p.name))
+    return table, plots
+
+
 # ---------------------------------------------------------------- measuring
 
 def evaluate_text(model, tokenizer, documents: list[str], device="cpu", batch_size: int = 16) -> dict:

@@ -22,15 +22,17 @@ from modules.norm import make_norm
 from modules.positions import POSITIONS
 
 
-def attend(q, k, v, ctx: Context, spec: MaskSpec, dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v for queries (B, H, T, d) over keys (B, KV, S, d) and values
-    (B, KV, S, dv), where each key/value head serves H / KV query heads. Returns (B, H, T, dv)."""
+def attend(q, k, v, ctx: Context, spec: MaskSpec, dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """softmax(scale q k^T + mask) v for queries (B, H, T, d) over keys (B, KV, S, d) and values
+    (B, KV, S, dv), where each key/value head serves H / KV query heads; scale None is 1/sqrt(d).
+    Returns (B, H, T, dv)."""
     grouped = q.shape[1] != k.shape[1]
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if ctx.weights is not None:  # attention_probabilities: the same mask, weights made explicit
-        return explicit_attention(q, k, v, ctx.dense_mask(spec, q.dtype), ctx.weights)
+        return explicit_attention(q, k, v, ctx.dense_mask(spec, q.dtype), ctx.weights, scale)
     mask = ctx.mask(spec, q.dtype)
     if isinstance(mask, FlexMask):
-        return flex_attention(q, k, v, mask.block_mask, mask.score_mod, enable_gqa=grouped)
+        return flex_attention(q, k, v, mask.block_mask, mask.score_mod, enable_gqa=grouped, scale=scale)
     # Key/value heads shared by query groups: training copies them (not every fused GPU kernel takes
     # enable_gqa); generation reads the whole cache at every step, so there SDPA shares them.
     if grouped and ctx.cache is None:
@@ -45,18 +47,21 @@ def attend(q, k, v, ctx: Context, spec: MaskSpec, dropout: float = 0.0) -> torch
     if mask is None and T > 1:
         causal = True
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                                          enable_gqa=grouped and ctx.cache is not None)
+                                          enable_gqa=grouped and ctx.cache is not None, scale=scale)
 
 
-def explicit_attention(q, k, v, mask: torch.Tensor, weights_out: list) -> torch.Tensor:
+def attention_scores(q, k, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The pre-softmax logits scale q k^T + mask (B, H, T, S), -inf where the mask forbids."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) * scale
+    return scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+
+
+def explicit_attention(q, k, v, mask: torch.Tensor, weights_out: list, scale: float) -> torch.Tensor:
     """The formula written out, appending its softmax weights (B, H, T, S) to weights_out."""
-    repeats = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-    weights = scores.softmax(-1)
+    weights = attention_scores(q, k, mask, scale).softmax(-1)
     weights_out.append(weights)
-    return weights @ v
+    return weights @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
 
 
 @functools.cache
@@ -65,11 +70,12 @@ def compiled_flex_attention():
     return torch.compile(flex)  # FlexAttention is only fast compiled
 
 
-def flex_attention(q, k, v, block_mask, score_mod, enable_gqa):
+def flex_attention(q, k, v, block_mask, score_mod, enable_gqa, scale):
     if q.is_cuda:
-        return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa)
+        return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa,
+                                         scale=scale)
     from torch.nn.attention.flex_attention import flex_attention as flex
-    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa)  # eager: tests on CPU
+    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa, scale=scale)  # CPU tests
 
 
 class CausalSelfAttention(LoggingModule):
@@ -99,6 +105,7 @@ class CausalSelfAttention(LoggingModule):
         self.positions = POSITIONS[cfg.positions](qk_cfg, layer_index)
         self.mask_spec = MaskSpec(cfg.sliding_window, self.positions.score_bias)
         self.dropout = cfg.attn_dropout
+        self.scale = 1 / math.sqrt(self.qk_dim)
 
     def project(self, x, ctx: Context):
         """Queries (B, heads * qk_split, T, qk_dim), and keys (B, kv_heads * qk_split, S, qk_dim) and values
@@ -117,15 +124,28 @@ class CausalSelfAttention(LoggingModule):
 
     def mix(self, q, k, v, ctx: Context) -> torch.Tensor:
         """The values mixed by attention, (B, heads, T, head_dim)."""
-        return attend(q, k, v, ctx, self.mask_spec, self.dropout if self.training else 0.0)
+        return attend(q, k, v, ctx, self.mask_spec, self.dropout if self.training else 0.0, self.scale)
 
     @log_io
     def forward(self, x, ctx: Context | None = None):
         """x: (B, T, dim). ctx: the forward's Context (None: x alone, positions from 0, no cache)."""
         ctx = Context.of(x) if ctx is None else ctx
         B, T, _ = x.shape
-        y = self.mix(*self.project(x, ctx), ctx)
+        q, k, v = self.project(x, ctx)
+        if self.logging_stats:
+            self.scores(q, k, ctx)
+        y = self.mix(q, k, v, ctx)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+    @log_io(outputs=("scores",))
+    def scores(self, q, k, ctx: Context) -> torch.Tensor:
+        """The attention logits (scaled query-key products plus any score bias) at the (query, key) pairs
+        the mask allows, flat: for shape logs with statistics (their max is the largest attention logit,
+        which grows when training goes unstable), computed only there."""
+        mask = ctx.dense_mask(self.mask_spec, q.dtype)
+        logits = attention_scores(q, k, mask, self.scale)
+        allowed = mask if mask.dtype == torch.bool else mask > -math.inf
+        return logits[allowed.expand_as(logits)]
 
     def attention_maps(self, x, ctx: Context | None = None):
         """(forward's output, [the softmax weights (B, heads, T, S) of each kernel call]), computed by the
@@ -188,8 +208,8 @@ class DifferentialAttention(CausalSelfAttention):
     def mix(self, q, k, v, ctx: Context) -> torch.Tensor:
         (q1, q2), (k1, k2) = q.unflatten(1, (-1, 2)).unbind(2), k.unflatten(1, (-1, 2)).unbind(2)
         dropout = self.dropout if self.training else 0.0
-        first = attend(q1, k1, v, ctx, self.mask_spec, dropout)
-        second = attend(q2, k2, v, ctx, self.mask_spec, dropout)
+        first = attend(q1, k1, v, ctx, self.mask_spec, dropout, self.scale)
+        second = attend(q2, k2, v, ctx, self.mask_spec, dropout, self.scale)
         return self.head_norm(first - self.lambda_() * second) * (1 - self.lambda_init)
 
     def combine_maps(self, maps: list) -> torch.Tensor:

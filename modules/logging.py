@@ -24,7 +24,7 @@ class TensorInfo:
     shape: tuple
     dtype: str
     device: str
-    stats: dict | None = None  # mean, std, min, max when asked for
+    stats: dict | None = None  # mean, std, min, max, rms when asked for
 
     def __str__(self):
         text = f"{tuple(self.shape)} {self.dtype} {self.device}"
@@ -50,7 +50,7 @@ def describe(value, stats=False):
         if stats and value.numel() > 0:
             v = value.detach().float()
             summary = {"mean": v.mean().item(), "std": v.std().item() if v.numel() > 1 else 0.0,
-                       "min": v.min().item(), "max": v.max().item()}
+                       "min": v.min().item(), "max": v.max().item(), "rms": v.square().mean().sqrt().item()}
         return TensorInfo(tuple(value.shape), str(value.dtype).removeprefix("torch."), str(value.device), summary)
     if isinstance(value, (tuple, list)):
         return [describe(v, stats) for v in value]
@@ -129,11 +129,17 @@ class LoggingModule(nn.Module):
 
     _shape_log: ShapeLog | None = None  # a class default, so the check never reaches nn.Module.__getattr__
 
+    @property
+    def logging_stats(self) -> bool:
+        """Whether a logging session with statistics is on for this module (never while compiling)."""
+        return self._shape_log is not None and self._shape_log.stats and not torch.compiler.is_compiling()
+
     @contextlib.contextmanager
     def log_shapes(self, stats: bool = False, print_fn=print):
         """Switch shape logging on for this module and everything inside it.
 
-        `stats=True` adds mean/std/min/max of every tensor; `print_fn=None` only records.
+        `stats=True` adds mean/std/min/max/rms of every tensor, and attention modules then also log their
+        scores (the pre-softmax logits they allow); `print_fn=None` only records.
         """
         modules = {id(m): (name, m) for name, m in self.named_modules() if isinstance(m, LoggingModule)}
         if any(m._shape_log is not None for _, m in modules.values()):

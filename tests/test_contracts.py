@@ -137,6 +137,30 @@ def test_shape_logging_records_every_module(case):
 
 
 @cases("all")
+def test_shape_logging_with_statistics_changes_nothing_and_shows_attention_logits(case):
+    """Statistics on: the same logits, each module's output RMS, and from every attention module its scores
+    (pre-softmax logits at the allowed pairs), as many as heads x allowed pairs."""
+    model = make(case)
+    ids = tokens(2, 8)
+    with torch.no_grad():
+        plain, _ = model(ids)
+        with model.log_shapes(stats=True, print_fn=None) as log:
+            logits, _ = model(ids)
+    assert torch.equal(plain, logits)
+    rms = logits.square().mean().sqrt().item()
+    assert log.records[0].outputs["logits"].stats["rms"] == pytest.approx(rms, rel=1e-5)
+    scores = {r.path: r.outputs["scores"] for r in log.records if r.method == "scores"}
+    attentions = [name for name, m in model.named_modules() if hasattr(type(m), "scores")]
+    assert sorted(scores) == sorted(attentions) and attentions
+    for name in attentions:
+        module = model.get_submodule(name)
+        window = module.mask_spec.window or 8
+        allowed = sum(min(i + 1, window) for i in range(8))
+        assert scores[name].shape == (2 * module.n_heads * module.qk_split * allowed,)
+        assert scores[name].stats["min"] <= scores[name].stats["max"]
+
+
+@cases("all")
 def test_checkpoint_round_trip(case, tmp_path):
     model = make(case)
     save_model(model, tmp_path)

@@ -19,7 +19,8 @@ import model_comparison
 import tools
 from config import ConfigError, TrainConfig
 from conftest import ROOT
-from toolkit import checkpoint, data, report, stats, trainer
+from modules.context import Context
+from toolkit import checkpoint, data, report, stability, stats, trainer
 from toolkit.experiment import (
     Experiment,
     ExperimentError,
@@ -199,6 +200,21 @@ def test_each_run_logs_stability_figures(study):
         logits = torch.cat([model(**batch)[0].flatten(0, 1) for batch in val])
     assert figures["logits_rms"].dropna().iloc[-1] == pytest.approx(logits.square().mean().sqrt().item(), rel=1e-5)
     assert figures["logits_rms"].notna().sum() == 2  # evaluated at steps 10 and 20
+    # the largest attention logit at the last evaluation: q k^T / sqrt(head_dim) written out by hand over the
+    # first validation sequences, causal pairs only, every layer and head of the saved model
+    probe, largest = val[0]["input_ids"][:stability.PROBE_SEQUENCES], -math.inf
+    with torch.no_grad():
+        x = model.embed(probe)
+        for layer in model.layers:
+            h = layer.attention_norm(x)  # pre-norm (the preset)
+            q, k, _ = layer.attention.project(h, Context.of(h))
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+            largest = max(largest, scores[..., causal].max().item())
+            x = layer(x, Context.of(x))
+    assert figures["attn_logit_max"].dropna().iloc[-1] == pytest.approx(largest, rel=1e-5)
+    assert figures["attn_logit_max"].notna().sum() == 2
     assert "| `baseline` |" in (experiment.folder / "report.md").read_text().split("## Stability")[1]
 
 

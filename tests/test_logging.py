@@ -1,4 +1,5 @@
 """Shape logging: the expected call tree for a two-layer model, as text and as data."""
+import pytest
 import torch
 
 from config import ModelConfig
@@ -61,7 +62,9 @@ def test_logging_a_submodule_only_and_stats():
         model(torch.randint(0, 50, (1, 5)))
     assert [(r.depth, r.path, r.method) for r in log.records] == [(0, "", "forward")]
     stats = log.records[0].outputs["output"].stats
-    assert set(stats) == {"mean", "std", "min", "max"} and stats["min"] <= stats["mean"] <= stats["max"]
+    assert set(stats) == {"mean", "std", "min", "max", "rms"} and stats["min"] <= stats["mean"] <= stats["max"]
+    # rms^2 = mean^2 + std^2 (n - 1) / n, std being the unbiased estimate: equal within a few percent
+    assert stats["rms"] ** 2 == pytest.approx(stats["mean"] ** 2 + stats["std"] ** 2, rel=0.05)
 
 
 def test_logging_is_off_by_default_and_after_the_context():

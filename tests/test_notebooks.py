@@ -48,3 +48,8 @@ def test_model_comparison_notebook_runs_on_the_shipped_models():
     text = run_notebook("model_comparison.ipynb")
     assert "GPT2_1m_atto: Once upon a time" in text and "Llama3_1m_atto: The dog wanted to" in text
     assert "failed:" not in text
+    # the shipped quick experiment's verdict: its baseline and at least one variant with a call
+    verdict = ast.literal_eval(text.split("verdict: ")[1].splitlines()[0])
+    assert verdict["baseline"] == "baseline" and len(verdict) >= 2
+    assert all(call in ("baseline", "better", "worse", "within noise") or call.startswith("inconclusive")
+               for call in verdict.values())

@@ -13,7 +13,7 @@ import pandas as pd
 
 from toolkit import stats
 from toolkit.experiment import Experiment, Run
-from toolkit.stability import STABILITY
+from toolkit.stability import PROBE_SEQUENCES, STABILITY
 from toolkit.trainer import LOG, STATE
 
 EDGE = "inconclusive (learning rate at the grid's edge)"
@@ -192,8 +192,9 @@ def curves(v: Variant) -> pd.DataFrame | None:
 
 def stability(v: Variant) -> dict:
     """Per variant: the largest gradient norm, the part with the largest mean gradient norm, the last
-    logits RMS (mean over seeds), loss spikes (over seeds) and the largest rise of the train loss."""
-    grad_max, spikes, rise, logits, part_norms = math.nan, 0, 0.0, [], {}
+    logits RMS (mean over seeds), the largest attention logit (over evaluations and seeds), loss spikes
+    (over seeds) and the largest rise of the train loss."""
+    grad_max, spikes, rise, logits, part_norms, attn_max = math.nan, 0, 0.0, [], {}, []
     for run in v.runs:
         log = run_log(run)
         if log is None:
@@ -207,12 +208,15 @@ def stability(v: Variant) -> dict:
         rms = table["logits_rms"].dropna()
         if len(rms):
             logits.append(float(rms.iloc[-1]))
+        if "attn_logit_max" in table:  # runs from before it was recorded have no column
+            attn_max += table["attn_logit_max"].dropna().tolist()
         for column in sorted((c for c in table.columns if c.startswith("grad_norm.")),
                              key=lambda c: part_order(c.removeprefix("grad_norm."))):
             part_norms.setdefault(column.removeprefix("grad_norm."), []).append(table[column].mean())
     parts = {part: sum(values) / len(values) for part, values in part_norms.items()}
     return {"variant": v.name, "grad_norm_max": grad_max,
             "logits_rms": sum(logits) / len(logits) if logits else math.nan,
+            "attn_logit_max": max(attn_max) if attn_max else math.nan,
             "loss_spikes": spikes, "largest_rise": rise, "diverged": len(v.diverged), "part_grad_norms": parts}
 
 
@@ -457,7 +461,7 @@ def verdict_section(study: Study, size: str, table: pd.DataFrame, grid: bool) ->
 
 def stability_section(study: Study) -> list[str]:
     header = ["variant", "largest gradient norm", "part with the largest gradients", "final logits RMS",
-              "loss spikes (all seeds)", "largest loss rise", "diverged"]
+              "largest attention logit", "loss spikes (all seeds)", "largest loss rise", "diverged"]
     lines = []
     for size, variants in study.variants.items():
         rows = []
@@ -466,12 +470,13 @@ def stability_section(study: Study) -> list[str]:
             part = max(s["part_grad_norms"], key=s["part_grad_norms"].get) if s["part_grad_norms"] else None
             rows.append([f"`{v.name}`", number(s["grad_norm_max"], 3),
                          f"{part} ({s['part_grad_norms'][part]:.3g})" if part else "n/a", number(s["logits_rms"], 3),
+                         number(s["attn_logit_max"], 3),
                          str(s["loss_spikes"]), f"{s['largest_rise']:.1%}", f"{s['diverged']} of {len(v.runs)}"])
         lines += ([f"**{size}**", ""] if size else []) + markdown(header, rows) + [""]
     lines.append("Gradient norms are measured at the log steps, before clipping; the logits RMS over the validation "
-                 "set at the last evaluation; a loss spike is a log interval whose train loss rose more than 10% above "
-                 "the lowest before it. The largest attention logit is not recorded yet: it needs the statistics of "
-                 "the shape-logging modules of the model-core redesign.")
+                 "set at the last evaluation; the largest attention logit (scaled query-key product, of any head and "
+                 f"layer) over the first {PROBE_SEQUENCES} validation sequences at every evaluation; a loss spike is "
+                 "a log interval whose train loss rose more than 10% above the lowest before it.")
     return lines
 
 

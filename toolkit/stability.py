@@ -1,9 +1,12 @@
 """Stability figures of a run, written to trained/NAME/stability.csv at the log steps: the gradient
 norm of each part of the model (embeddings, each layer, the final norm, the head) and, at evaluation
-steps, the RMS of the output logits over the validation set.
+steps, the RMS of the output logits over the validation set and the largest attention logit over the
+first PROBE_SEQUENCES validation sequences.
 
 Cheap by construction: gradient norms are measured only on steps that are logged (an optimizer
-pre-step hook, armed before those steps), logits only while the validation set is scored.
+pre-step hook, armed before those steps), logits only while the validation set is scored, attention
+logits by one small forward with the shape logger's statistics on (which is what makes the scores,
+never materialised by the attention kernels, explicit).
 Loss spikes need nothing here: the report finds them in log_data.csv's train loss.
 """
 import csv
@@ -13,8 +16,10 @@ from pathlib import Path
 import torch
 
 from toolkit.checkpoint import unwrap
+from toolkit.metrics import autocast
 
 STABILITY = "stability.csv"
+PROBE_SEQUENCES = 4  # validation sequences the attention logits are measured on
 
 
 def part_of(parameter_name: str) -> str:
@@ -37,8 +42,8 @@ class StabilityLog:
         self.parts: dict[str, list[torch.nn.Parameter]] = {}
         for name, parameter in self.model.named_parameters():
             self.parts.setdefault(part_of(name), []).append(parameter)
-        self.columns = ["step", "logits_rms"] + [f"grad_norm.{part}" for part in self.parts]
-        self.armed, self.grad_norms, self.logits_rms = False, None, None
+        self.columns = ["step", "logits_rms", "attn_logit_max"] + [f"grad_norm.{part}" for part in self.parts]
+        self.armed, self.grad_norms, self.logits_rms, self.attn_logit_max = False, None, None, None
         optimizer.register_step_pre_hook(self.measure_gradients)
         if enabled:
             self.start(resume_step)
@@ -82,16 +87,30 @@ class StabilityLog:
         squares = sum(float(n) ** 2 for n in totals["norms"])
         self.logits_rms = (squares / totals["count"]) ** 0.5 if totals["count"] else None
 
+    def measure_attention(self, batch: dict, device):
+        """The largest attention logit (scaled query-key product plus any score bias, at the pairs the
+        mask allows) of any head of any layer over the batch's first PROBE_SEQUENCES sequences."""
+        probe = {k: v[:PROBE_SEQUENCES].to(device) for k, v in batch.items() if k != "targets"}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(device), self.model.log_shapes(stats=True, print_fn=None) as log:
+                self.model(**probe)
+        finally:
+            self.model.train(was_training)
+        maxima = [r.outputs["scores"].stats["max"] for r in log.records if r.method == "scores"]
+        self.attn_logit_max = max(maxima) if maxima else None
+
     def write(self, step: int, grad_norm: float):
         """One row. Gradients are measured after clipping; scaled by the unclipped total `grad_norm`
         over the clipped total, each part's norm is its norm before clipping."""
-        row = {"step": step, "logits_rms": self.logits_rms}
+        row = {"step": step, "logits_rms": self.logits_rms, "attn_logit_max": self.attn_logit_max}
         if self.grad_norms is not None:
             norms = {part: float(n) for part, n in self.grad_norms.items() if n is not None}
             clipped_total = sum(n * n for n in norms.values()) ** 0.5
             scale = grad_norm / clipped_total if clipped_total > 0 else 1.0
             row.update({f"grad_norm.{part}": n * scale for part, n in norms.items()})
-        self.armed, self.grad_norms, self.logits_rms = False, None, None
+        self.armed, self.grad_norms, self.logits_rms, self.attn_logit_max = False, None, None, None
         if self.enabled:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)

@@ -466,6 +466,7 @@ def evaluate(run: Run, meter: Meter, bar) -> tuple[float, float]:
     same collectives."""
     with bar_note(bar, "evaluating"), run.stability.measuring_logits():
         scores = score(run.wrapped, run.val_set, run.byte_lengths, run.device)
+    run.stability.measure_attention(run.val_set[0], run.device)
     meter.lap("eval_elapsed_s")
     return scores.loss, scores.bits_per_byte
 
