@@ -15,6 +15,7 @@ from modules.attention import ATTENTIONS
 from modules.layer import NORM_PLACEMENTS
 from modules.mlp import ACTIVATIONS, MLPS
 from modules.norm import NORMS
+from modules.parametrization import PARAMETRIZATIONS
 from modules.positions import POSITIONS
 from toolkit.optim import OPTIMIZERS
 from toolkit.schedule import SCHEDULES
@@ -85,10 +86,10 @@ class Settings:
 
 # Every choice that names a class: the field and the registry its value is a key of.
 REGISTRIES = {"attention": ATTENTIONS, "positions": POSITIONS, "norm": NORMS, "norm_placement": NORM_PLACEMENTS,
-              "mlp": MLPS, "activation": ACTIVATIONS}
+              "mlp": MLPS, "activation": ACTIVATIONS, "parametrization": PARAMETRIZATIONS}
 # Fields that hold for the whole model; every other field may differ per layer (see ModelConfig.layers).
 MODEL_WIDE = ("vocab_size", "context_length", "dim", "n_layers", "tie_embeddings", "embed_dropout", "init_std",
-              "layers")
+              "parametrization", "base_dim", "layers")
 # Derived fields recomputed for a layer that overrides what they derive from (unless it sets them too).
 DERIVED = {"head_dim": ("n_heads",), "mlp_hidden": ("mlp_multiplier", "mlp_multiple_of")}
 # model_config.json carries the format it was written in; older formats are migrated on load.
@@ -164,6 +165,8 @@ class ModelConfig(Settings):
     attn_dropout: float = 0.0  # dropout on the attention probabilities
     resid_dropout: float = 0.0  # dropout on each block's output before it joins the residual stream
     init_std: float = 0.02  # standard deviation of the initial weights
+    parametrization: str = "sp"  # sp | mup (modules/parametrization.py: rates that carry across widths)
+    base_dim: int | None = None  # mup: the width the hyperparameters were tuned at (None: dim, where mup is sp)
     # Per-layer overrides: {selector: {field: value}}, selectors as in layer_selection ('0', '1,3', '::2');
     # later entries win where they overlap. E.g. {"::2": {"sliding_window": 64}, "0": {"positions": "none"}}.
     layers: dict | None = None  # per-layer overrides {selector: {field: value}}, e.g. {"::2": {"sliding_window": 64}}
@@ -186,6 +189,8 @@ class ModelConfig(Settings):
         for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
             require(0 <= getattr(self, name) < 1, name, getattr(self, name), "must be in [0, 1)")
         require(self.init_std > 0, "init_std", self.init_std, "must be positive")
+        if self.base_dim is not None:
+            require(self.base_dim > 0, "base_dim", self.base_dim, "must be None or a positive integer")
         for field in REGISTRIES:
             check_variant(self, field)
         self.check_layers()

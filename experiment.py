@@ -6,6 +6,7 @@
     python experiment.py experiments/norms.toml --parallel=4   # 4 runs at a time (a GPU each, or a share of the CPU)
     python experiment.py experiments/norms.toml --executor=slurm   # a Slurm job per run, through submitit
     python experiment.py --base=llama3-1m --vary norm=rmsnorm,layernorm,cosinenorm --seeds=3 --budget=steps:400
+    python experiment.py --coord_check                         # muP's coordinate check -> trained/coord_check/
 
 Runs go to trained/NAME/[SIZE/]VARIANT/[lrRATE/]seedK/ (ordinary trained models: inference.py and
 model_comparison.py take these names); the verdict to trained/NAME/report.md, report.csv and PNG plots.
@@ -16,12 +17,16 @@ Options (they override the file's keys): --name, --base, --seeds=3 (or 0,1,2), -
 --threads, --vary FIELD=V1,V2,... (variants without a file; the first is the baseline); how to run:
 --parallel=N, --executor=slurm|local (submitit; local tries the same path on this machine). Any
 ModelConfig or TrainConfig field applies to every run: --train.batch_size=16, --model.dim=64, --lr=2e-3.
+
+--coord_check trains a few AdamW steps at several widths under SP and muP and draws each module's output
+RMS against width (toolkit/coord_check.py); its options: --base=llama3-1m, --widths=64,128,256,512,1024,
+--base_dim=64, --steps=4, --lr=1e-2, --seed=0.
 """
 import sys
 
 import pandas as pd
 
-from config import ConfigError
+from config import PRESETS, ConfigError
 from toolkit.cli import parse_value, route_overrides, split_arguments
 from toolkit.data import DataError
 from toolkit.experiment import (
@@ -105,8 +110,40 @@ def parse(argv: list[str]) -> tuple[Experiment, set, dict]:
     return Experiment.from_dict(values, file or "the command line"), flags, run_options
 
 
+COORD_OPTIONS = {"base": str, "widths": int, "base_dim": int, "steps": int, "lr": float, "seed": int}
+
+
+def coord_check_main(argv: list[str]):
+    """--coord_check: the runs, trained/coord_check/coord_check.{csv,png}, and the RMS growth per module."""
+    from toolkit import checkpoint, coord_check
+    texts, _ = split_arguments([a for a in argv if a != "--coord_check"], ())
+    unknown = [k for k in texts if k not in COORD_OPTIONS]
+    if unknown:
+        raise ExperimentError(f"--{unknown[0]} is not an option of --coord_check; its options: "
+                              f"{', '.join('--' + k for k in COORD_OPTIONS)}")
+    options = {k: numbers(v, COORD_OPTIONS[k], k) if COORD_OPTIONS[k] is not str else v for k, v in texts.items()}
+    options = {k: v if k == "widths" or not isinstance(v, list) else v[0] for k, v in options.items()}
+    if "base" in options and options["base"] not in PRESETS:
+        raise ExperimentError(f"--base={options['base']!r} is not a preset; presets: {', '.join(PRESETS)}")
+    settings = {"base": "llama3-1m", "widths": list(coord_check.WIDTHS), "base_dim": 64, "steps": 4, "lr": 1e-2,
+                "seed": 0, **options}
+    print(f"coordinate check: {settings['base']} at widths {settings['widths']}, SP and muP (base_dim "
+          f"{settings['base_dim']}), {settings['steps']} AdamW steps at lr {settings['lr']:g}")
+    table = coord_check.coord_check(**settings)
+    title = (f"{settings['base']}: output RMS against width, steps 0-{settings['steps']} "
+             f"(AdamW lr {settings['lr']:g}, muP base_dim {settings['base_dim']})")
+    files = coord_check.write(table, checkpoint.TRAINED / "coord_check", title)
+    print("\n".join(coord_check.summary(table)))
+    print(f"wrote {', '.join(str(f) for f in files)}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--coord_check" in argv:
+        try:
+            return coord_check_main(argv)
+        except (ExperimentError, ConfigError, DataError, TokenizerError) as e:
+            sys.exit(f"error: {e}")
     if "--help" in argv or "-h" in argv:
         print(__doc__)
         print(f"fields: {', '.join(MODEL_FIELDS)}; {', '.join(TRAIN_FIELDS)}")

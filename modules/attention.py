@@ -19,6 +19,7 @@ from modules.cache import KVCache, LayerKV  # noqa: F401  (KVCache: the cache ty
 from modules.context import Context, FlexMask, MaskSpec
 from modules.logging import LoggingModule, log_io
 from modules.norm import make_norm
+from modules.parametrization import PARAMETRIZATIONS
 from modules.positions import POSITIONS
 
 
@@ -105,7 +106,7 @@ class CausalSelfAttention(LoggingModule):
         self.positions = POSITIONS[cfg.positions](qk_cfg, layer_index)
         self.mask_spec = MaskSpec(cfg.sliding_window, self.positions.score_bias)
         self.dropout = cfg.attn_dropout
-        self.scale = 1 / math.sqrt(self.qk_dim)
+        self.scale = PARAMETRIZATIONS[cfg.parametrization](cfg).attention / math.sqrt(self.qk_dim)
 
     def project(self, x, ctx: Context):
         """Queries (B, heads * qk_split, T, qk_dim), and keys (B, kv_heads * qk_split, S, qk_dim) and values

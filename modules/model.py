@@ -15,6 +15,7 @@ from modules.context import Context, document_positions, padded_positions
 from modules.layer import NORM_PLACEMENTS, make_dropout
 from modules.logging import LoggingModule, log_io
 from modules.norm import make_norm
+from modules.parametrization import PARAMETRIZATIONS
 from modules.positions import POSITIONS
 
 IGNORE_INDEX = -100  # targets with this value (padding) add nothing to the loss
@@ -24,6 +25,7 @@ class Model(LoggingModule):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        self.scales = PARAMETRIZATIONS[cfg.parametrization](cfg)  # width multipliers: all 1 under SP
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embed = POSITIONS[cfg.positions].input_embedding(cfg)
         self.embed_dropout = make_dropout(cfg.embed_dropout)
@@ -37,12 +39,15 @@ class Model(LoggingModule):
 
     def init_weights(self):
         """GPT-2 init: N(0, init_std) for matrices and embeddings, zero biases, and residual
-        projections scaled by 1/sqrt(2 n_layers) so the residual stream does not grow with depth.
-        Other parameters keep the initial values their modules gave them."""
+        projections scaled by 1/sqrt(2 n_layers) so the residual stream does not grow with depth; the
+        layers' matrices also by the parametrization's width factor. Other parameters keep the initial
+        values their modules gave them."""
         std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "residual_projection", False) else 1
+                if module is not self.head:
+                    scale *= self.scales.hidden_init
                 nn.init.normal_(module.weight, 0.0, std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -71,6 +76,8 @@ class Model(LoggingModule):
         if last_logits_only:
             x = x[:, -1:]
         logits = self.head(self.norm(x))
+        if self.scales.output != 1:
+            logits = logits * self.scales.output
         loss = None
         if targets is not None:
             # Under bf16 autocast the loss is still computed in float32 (or wider).

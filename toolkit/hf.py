@@ -11,6 +11,7 @@ import torch
 
 from config import ConfigError, ModelConfig
 from modules.model import Model
+from modules.parametrization import PARAMETRIZATIONS, Scales
 
 
 class LoadError(ValueError):
@@ -228,6 +229,12 @@ def hf_config_for(cfg: ModelConfig, tokenizer=None):
                              f"fit the model's vocab_size={cfg.vocab_size}")
         special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
 
+    if PARAMETRIZATIONS[cfg.parametrization](cfg) != Scales():  # muP away from its base width: folded in
+        for field, value in (("tie_embeddings", True), ("qk_norm", True)):  # ... except where it cannot be
+            if getattr(cfg, field) == value:
+                raise ValueError(f"cannot export: parametrization={cfg.parametrization!r} with {field}={value!r}: "
+                                 f"its {'logit' if field == 'tie_embeddings' else 'attention'} multiplier has no "
+                                 f"weight of its own to fold into")
     windowed = windowed_hf_config(cfg, special)  # Mistral or Qwen3, for the windows and QK-norm that Llama lacks
     if windowed is not None:
         return windowed
@@ -261,6 +268,7 @@ def project_to_hf(model: Model) -> dict:
     and zeros, which is exact)."""
     cfg = model.cfg
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    fold_scales(sd, model)
 
     def get(name, fill, size):
         return sd[name] if name in sd else torch.full((size,), fill)
@@ -296,6 +304,23 @@ def project_to_hf(model: Model) -> dict:
                         f"{p}mlp.gate_proj.{suffix}": gate, f"{p}mlp.up_proj.{suffix}": up,
                         f"{p}mlp.down_proj.{suffix}": sd[f"{ours}mlp.down.{suffix}"]})
     return out
+
+
+def fold_scales(sd: dict, model: Model):
+    """muP's multipliers folded into weights, exactly up to rounding: the logit multiplier into the
+    (untied) head, the attention scale into the query projection (RoPE rotates q linearly, so scaling
+    before it is the same); hf_config_for refuses the cases where there is no such weight."""
+    scales = model.scales
+    if scales.output != 1:
+        sd["head.weight"] = sd["head.weight"] * scales.output
+    if scales.attention != 1:
+        q = model.cfg.n_heads * model.cfg.head_dim
+        for i in range(model.cfg.n_layers):
+            for suffix in ("weight", "bias"):
+                name = f"layers.{i}.attention.qkv.{suffix}"
+                if name in sd:
+                    sd[name] = sd[name].clone()
+                    sd[name][:q] *= scales.attention
 
 
 def export_hf(model: Model, directory, tokenizer=None) -> Path:

@@ -4,12 +4,15 @@
 Every parameter group carries `lr_scale`, its rate relative to `cfg.lr`; the loop sets
 `group["lr"] = schedule(step) * group["lr_scale"]` (see `set_learning_rate`), so one schedule drives
 groups with different rates. Each optimizer is one torch Optimizer, so checkpoints, resume and FSDP
-handle them all alike.
+handle them all alike. Under muP the layers' matrices get the model's width factor on their rate
+(modules/parametrization.py); everything else keeps cfg.lr.
 """
 import math
 
 import torch
 from torch import nn
+
+from modules.parametrization import Scales
 
 EMBEDDING, HIDDEN, OTHER = "embedding", "hidden", "other"
 
@@ -37,6 +40,11 @@ def output_splits(model: nn.Module) -> dict[int, list[int]]:
             if isinstance(m, nn.Linear) and getattr(m, "output_split", None)}
 
 
+def width_scales(model: nn.Module) -> Scales:
+    """The model's parametrization multipliers (SP's, all 1, for a module that has none)."""
+    return getattr(model, "scales", None) or Scales()
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float):
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -52,8 +60,13 @@ def adamw(model, cfg, device) -> torch.optim.Optimizer:
                                                             for m in model.modules() if isinstance(m, nn.Embedding))
     head = [] if tied or getattr(model, "head", None) is None else [model.head.weight]
     embeddings = [p for p in roles[EMBEDDING] if not any(p is h for h in head)]
-    groups = [{"params": roles[HIDDEN] + head, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-              {"params": embeddings + roles[OTHER], "weight_decay": 0.0, "lr_scale": 1.0}]
+    hidden_scale = width_scales(model).hidden_lr
+    if hidden_scale == 1:  # SP: the head decays with the hidden matrices, in one group
+        groups = [{"params": roles[HIDDEN] + head, "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
+    else:  # muP: the head keeps the base rate
+        groups = [{"params": roles[HIDDEN], "weight_decay": cfg.weight_decay, "lr_scale": hidden_scale},
+                  {"params": head, "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
+    groups.append({"params": embeddings + roles[OTHER], "weight_decay": 0.0, "lr_scale": 1.0})
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 
@@ -156,6 +169,8 @@ def muon(model, cfg, device) -> torch.optim.Optimizer:
     roles, splits = parameter_roles(model), output_splits(model)
     hidden = roles[HIDDEN]
     muon_scale = (cfg.muon_lr or cfg.lr) / cfg.lr
+    if cfg.muon_adjust_lr == "match_rms_adamw":  # AdamW-sized updates need AdamW's muP width factor
+        muon_scale *= width_scales(model).hidden_lr
     groups = [{"params": hidden, "muon": True, "weight_decay": cfg.weight_decay, "lr_scale": muon_scale,
                "splits": [splits.get(id(p)) for p in hidden]},
               {"params": roles[EMBEDDING] + roles[OTHER], "weight_decay": 0.0, "lr_scale": 1.0}]
