@@ -11,6 +11,7 @@ the first seed runs at every rate, and the other seeds follow at the rate with t
 """
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -60,8 +61,9 @@ PLAN = "experiment.json"  # the resolved plan, saved beside the runs: `experimen
 BUDGETS = {"steps": "equal optimizer steps", "tokens": "equal training tokens",
            "flops": "equal training FLOPs (a variant that costs more per token gets fewer tokens)",
            "minutes": "equal wall-clock minutes of training"}
-KEYS = ("name", "base", "seeds", "budget", "eval_data", "train", "model", "variants", "lr_grid", "sizes", "threads",
-        "slurm")
+KEYS = ("name", "base", "seeds", "budget", "eval_data", "train", "model", "variants", "lr_grid", "grid_seeds", "sizes",
+        "threads", "slurm")
+GRID_SEEDS = ("first", "all")  # which seeds train at every rate of lr_grid
 # How a run executes, not what it computes: these may change between invocations of one experiment.
 # data: the trainer checks its sha256
 RUN_ONLY = ("name", "device", "compile", "tensorboard", "save_every", "fsdp", "data")
@@ -154,18 +156,37 @@ class Run:
 
 def size_label(overrides: dict) -> str:
     """"dim64-n_layers8" for {"dim": 64, "n_layers": 8}: a folder name."""
-    return "-".join(f"{key}{value}" for key, value in overrides.items())
+    return "-".join(f"{key}{value:g}" if isinstance(value, float) else f"{key}{value}"
+                    for key, value in overrides.items())
 
 
 def parse_assignments(text: str, where: str) -> dict:
-    """{"dim": 64, "n_layers": 8} from "dim=64,n_layers=8", each value parsed by its field's type."""
+    """{"dim": 64, "n_layers": 8} from "dim=64,n_layers=8", each value parsed by its field's type (in
+    sizes, a budget kind too: "dim=64,tokens=5e5")."""
     values = {}
     for part in text.split(","):
         key, has_value, raw = part.strip().partition("=")
         if not has_value:
             raise ExperimentError(f"{where} {text!r} is not valid: write field=value pairs, e.g. dim=64,n_layers=8")
-        values[key] = parse_value(field_of(key, where), raw)
+        if where == "sizes" and key in BUDGETS:
+            values[key] = Budget.parse(f"{key}:{raw}").amount
+        else:
+            values[key] = parse_value(field_of(key, where), raw)
     return values
+
+
+def size_list(sizes) -> list[dict]:
+    """The sizes of a plan: a list of "field=value,..." texts or tables, or one table of lists whose
+    product is taken ({dim = [32, 64], tokens = [5e5, 1e6]}: four sizes, tokens varying fastest)."""
+    how = ("a list such as [\"dim=64\", \"dim=128\"], or a table of lists such as "
+           "{ dim = [32, 64], tokens = [5e5, 1e6] }")
+    if isinstance(sizes, dict):
+        if not sizes or not all(isinstance(v, list) and v for v in sizes.values()):
+            raise ExperimentError(f"sizes={sizes!r} is not valid: {how}")
+        return [dict(zip(sizes, values)) for values in itertools.product(*sizes.values())]
+    if not isinstance(sizes, list) or not all(isinstance(s, (str, dict)) for s in sizes):
+        raise ExperimentError(f"sizes={sizes!r} is not valid: {how}")
+    return [parse_assignments(s, "sizes") if isinstance(s, str) else dict(s) for s in sizes]
 
 
 def field_of(key: str, where: str) -> dataclasses.Field:
@@ -231,7 +252,8 @@ class Experiment:
     train: dict = field(default_factory=dict)  # shared TrainConfig fields
     model: dict = field(default_factory=dict)  # shared ModelConfig fields
     lr_grid: list[float] | None = None
-    sizes: list[dict] | None = None  # model overrides per size, for the transfer check
+    grid_seeds: str = "first"  # first: seed 0 on the grid, the others at its best rate; all: every seed at every rate
+    sizes: list[dict] | None = None  # model (and train, and budget) overrides per size
     threads: int | None = None  # CPU threads per run (runs of one study should share it)
     slurm: dict = field(default_factory=dict)  # submitit parameters (timeout_min, slurm_partition, gpus_per_node, ...)
 
@@ -254,13 +276,12 @@ class Experiment:
         seeds = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
         sizes = values.get("sizes")
         if sizes is not None:
-            if not isinstance(sizes, list) or not all(isinstance(s, (str, dict)) for s in sizes):
-                raise ExperimentError(f"sizes={sizes!r} is not valid: a list such as [\"dim=64\", \"dim=128\"]")
-            sizes = [parse_assignments(s, "sizes") if isinstance(s, str) else dict(s) for s in sizes]
+            sizes = size_list(sizes)
         experiment = cls(name=values["name"], base=values["base"], budget=Budget.parse(values["budget"]),
                          variants={k: dict(v) for k, v in values["variants"].items()}, seeds=seeds,
                          eval_data=values.get("eval_data", EVAL_DATA_DEFAULT), train=dict(values.get("train", {})),
-                         model=dict(values.get("model", {})), lr_grid=values.get("lr_grid"), sizes=sizes,
+                         model=dict(values.get("model", {})), lr_grid=values.get("lr_grid"),
+                         grid_seeds=values.get("grid_seeds", "first"), sizes=sizes,
                          threads=values.get("threads"), slurm=dict(values.get("slurm", {})))
         experiment.check()
         return experiment
@@ -274,6 +295,8 @@ class Experiment:
                   "eval_data": self.eval_data, "train": self.train, "model": self.model, "variants": self.variants}
         values.update({k: v for k, v in (("lr_grid", self.lr_grid), ("sizes", self.sizes), ("threads", self.threads),
                                           ("slurm", self.slurm)) if v})
+        if self.grid_seeds != "first":
+            values["grid_seeds"] = self.grid_seeds
         return values
 
     def check(self):
@@ -296,6 +319,11 @@ class Experiment:
             if setting_lr or "lr" in self.train:
                 raise ExperimentError(f"{'variant ' + setting_lr[0] if setting_lr else '[train]'} sets lr, which "
                                       f"lr_grid chooses: drop one of them")
+        if self.grid_seeds not in GRID_SEEDS:
+            raise ExperimentError(f"grid_seeds={self.grid_seeds!r} is not valid; "
+                                  f"choose one of: {', '.join(GRID_SEEDS)}")
+        if self.grid_seeds != "first" and not self.lr_grid:
+            raise ExperimentError("grid_seeds is about lr_grid: give lr_grid too, or drop grid_seeds")
         if self.threads is not None and not (isinstance(self.threads, int) and self.threads > 0):
             raise ExperimentError(f"threads={self.threads!r} is not valid: a positive integer")
         for table, fields in (("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
@@ -320,7 +348,17 @@ class Experiment:
         return [size_label(s) for s in self.sizes] if self.sizes else [""]
 
     def size_overrides(self, label: str) -> dict:
-        return next((s for s in self.sizes if size_label(s) == label), {}) if self.sizes else {}
+        """The size's field overrides (its budget, if it has one, apart: see size_budget)."""
+        size = next((s for s in self.sizes if size_label(s) == label), {}) if self.sizes else {}
+        return {k: v for k, v in size.items() if k not in BUDGETS}
+
+    def size_budget(self, label: str) -> Budget:
+        """The size's own budget ("dim=64,tokens=5e5"), else the experiment's."""
+        size = next((s for s in self.sizes if size_label(s) == label), {}) if self.sizes else {}
+        kinds = [k for k in size if k in BUDGETS]
+        if len(kinds) > 1:
+            raise ExperimentError(f"size {label!r} gives two budgets ({', '.join(kinds)}): keep one")
+        return Budget(kinds[0], float(size[kinds[0]])) if kinds else self.budget
 
     @functools.cached_property
     def base_configs(self) -> tuple[dict, dict]:
@@ -369,26 +407,33 @@ class Experiment:
             model_cfg = ModelConfig.from_dict(model_values)
             params, params_without_embeddings, flops_per_token = cost(model_cfg)
             tokens_per_step = train_values["batch_size"] * train_values["grad_accum"] * model_cfg.context_length
-            train_values["max_steps"] = self.budget.max_steps(tokens_per_step, flops_per_token,
-                                                              train_values["max_steps"])
-            if self.budget.kind == "minutes":
-                train_values["max_minutes"] = self.budget.amount
+            budget = self.size_budget(size)
+            train_values["max_steps"] = budget.max_steps(tokens_per_step, flops_per_token, train_values["max_steps"])
+            if budget.kind == "minutes":
+                train_values["max_minutes"] = budget.amount
             train_cfg = TrainConfig.from_dict(train_values)
         except ConfigError as e:
             raise ExperimentError(f"{where}: {e}") from None
         return Run(train_cfg.name, size, variant, seed, lr, model_cfg, train_cfg, params, params_without_embeddings,
                    flops_per_token)
 
-    def grid_runs(self, size: str, variant: str) -> list[Run]:
-        return [self.run(size, variant, self.seeds[0], lr) for lr in self.lr_grid]
+    def grid_runs(self, size: str, variant: str, seed: int | None = None) -> list[Run]:
+        """The runs at every rate of the grid of one seed (the first by default)."""
+        return [self.run(size, variant, self.seeds[0] if seed is None else seed, lr) for lr in self.lr_grid]
+
+    @property
+    def grid_seed_list(self) -> list[int]:
+        return self.seeds if self.grid_seeds == "all" else self.seeds[:1]
 
     def best_lr(self, size: str, variant: str) -> float | None:
-        """The grid's rate with the lowest final validation bits per byte on the first seed (a diverged
-        run counts as the worst); None until every grid run has ended, or when all diverged."""
-        results = [run.result() for run in self.grid_runs(size, variant)]
-        if any(r is None for r in results):
+        """The grid's rate with the lowest final validation bits per byte, on the first seed or (grid_seeds
+        "all") averaged over the seeds; a diverged run counts as the worst. None until every grid run has
+        ended, or when all diverged."""
+        results = [[run.result() for run in self.grid_runs(size, variant, seed)] for seed in self.grid_seed_list]
+        if any(r is None for per_seed in results for r in per_seed):
             return None
-        scores = [r["val_bpb"] if r["status"] == "finished" else math.inf for r in results]
+        scores = [sum(per_seed[i]["val_bpb"] if per_seed[i]["status"] == "finished" else math.inf
+                      for per_seed in results) / len(results) for i in range(len(self.lr_grid))]
         best = min(range(len(scores)), key=scores.__getitem__)
         return self.lr_grid[best] if math.isfinite(scores[best]) else None
 
@@ -406,7 +451,8 @@ class Experiment:
         runs = []
         for size in self.size_labels:
             for variant in self.variants:
-                grid = self.grid_runs(size, variant) if self.lr_grid else []
+                grid = [r for seed in self.grid_seed_list for r in self.grid_runs(size, variant, seed)] \
+                    if self.lr_grid else []
                 runs += grid + [r for r in self.verdict_runs(size, variant) if r.name not in {g.name for g in grid}]
         return runs
 

@@ -9,9 +9,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from toolkit import stats
+from toolkit import scaling, stats
 from toolkit.experiment import Experiment, Run
 from toolkit.stability import PROBE_SEQUENCES, STABILITY
 from toolkit.trainer import LOG, STATE
@@ -65,7 +66,7 @@ class Study:
     def missing(self) -> list[str]:
         """Runs not ended yet, and seeds still waiting for their grid."""
         names = [name for name, result in self.results.items() if result is None]
-        seeds_after_grid = len(self.experiment.seeds) - 1
+        seeds_after_grid = len(self.experiment.seeds) - len(self.experiment.grid_seed_list)
         for size, variants in self.variants.items():
             names += [f"{self.experiment.name}/{size + '/' if size else ''}{v.name}: {seeds_after_grid} seed(s) after "
                       f"the grid"
@@ -73,7 +74,8 @@ class Study:
         return names
 
     def grid_pending(self, size: str, variant: str) -> bool:
-        return any(r.result() is None for r in self.experiment.grid_runs(size, variant))
+        return any(r.result() is None for seed in self.experiment.grid_seed_list
+                   for r in self.experiment.grid_runs(size, variant, seed))
 
 
 # --- the verdict ---
@@ -284,12 +286,18 @@ def architecture_diff(study: Study, size: str) -> dict[str, str]:
 
 # --- plots ---
 
-def figure_grid(n: int, width: float = 6.0, height: float = 4.2):
+def figure_grid(n: int, width: float = 6.0, height: float = 4.2, columns: int = 4):
+    """n panels, at most `columns` to a row (a study of many sizes wraps)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return plt, figure, list(axes[0])
+    ncols = min(n, columns)
+    nrows = -(-n // ncols)
+    figure, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    axes = [ax for row in axes for ax in row]
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return plt, figure, axes[:n]
 
 
 def save(plt, figure, path: Path) -> Path:
@@ -343,7 +351,7 @@ def plot_learning_rates(study: Study, path: Path) -> Path:
     plt, figure, axes = figure_grid(len(study.variants))
     for ax, size in zip(axes, study.variants):
         for k, name in enumerate(study.experiment.variants):
-            points = [(run.lr, run.result()) for run in study.experiment.grid_runs(size, name)]
+            points = [(run.lr, run.result()) for run in study.experiment.grid_runs(size, name)]  # the first seed
             done = [(lr, r["val_bpb"]) for lr, r in points if r is not None and r["status"] == "finished"]
             if done:
                 ax.plot(*zip(*done), "-o", color=f"C{k}", label=name)
@@ -496,6 +504,10 @@ def write_report(experiment: Experiment) -> list[Path]:
         files.append(plot_learning_rates(study, folder / "learning_rate.png"))
     if experiment.sizes and len(experiment.sizes) > 1:
         files.append(plot_transfer(tables, folder / "transfer.png"))
+        if experiment.lr_grid:
+            files.append(plot_lr_transfer(study, folder / "lr_transfer.png"))
+        if any(scalable(scaling_points(study, name)) for name in experiment.variants):
+            files.append(plot_scaling(study, folder / "scaling.png"))
     files.append(plot_gradients(study, folder / "gradient_norms.png"))
     (folder / "report.md").write_text("\n".join(report_text(study, tables, [f.name for f in files])) + "\n")
     return files
@@ -511,7 +523,7 @@ def report_text(study: Study, tables: dict[str, pd.DataFrame], files: list[str])
              f"({', '.join(map(str, experiment.seeds))}; a seed fixes the initial weights and the data order, the same "
              f"for every variant). Budget: {experiment.budget.describe()}."
              + (f" Learning rate chosen per variant from {', '.join(f'{r:g}' for r in experiment.lr_grid)} "
-                f"by the first seed's validation bits per byte." if experiment.lr_grid else ""),
+                f"by {chooser(experiment)} validation bits per byte." if experiment.lr_grid else ""),
              "",
              f"Held-out text: `{experiment.eval_data}`" + (f" ({eval_bytes:,} UTF-8 bytes)" if eval_bytes else "")
              + ", scored in bits per byte with each run's own tokenizer, every token once.",
@@ -542,10 +554,245 @@ def report_text(study: Study, tables: dict[str, pd.DataFrame], files: list[str])
     lines += [f"![bits per byte against {X_AXES[x]}](bpb_vs_{x}.png)" for x in X_AXES] + [""]
     if experiment.lr_grid:
         lines += ["## Learning rate", "", learning_rate_table(study), "", "![learning rate](learning_rate.png)", ""]
+    if "lr_transfer.png" in files:
+        lines += ["## Learning rate across sizes", ""] + lr_transfer_section(study) + [""]
+    if "scaling.png" in files:
+        lines += ["## Scaling", ""] + scaling_section(study) + [""]
     lines += ["## Stability", ""] + stability_section(study) + ["", "![gradient norms](gradient_norms.png)", ""]
     lines += ["## Provenance", ""] + provenance_section(study)
     lines += ["", "Every run: `runs.csv`; every variant: `report.csv`; the plan: `experiment.json`."]
     return lines
+
+
+# --- learning rate across sizes (muP's transfer check) ---
+
+def grid_scores(study: Study) -> pd.DataFrame:
+    """Every grid run that ended: size, its parameters without embeddings, variant, rate, seed and
+    held-out bits per byte (inf for a diverged run: the worst)."""
+    experiment, rows = study.experiment, []
+    for size in experiment.size_labels:
+        for name in experiment.variants:
+            for seed in experiment.grid_seed_list:
+                for run in experiment.grid_runs(size, name, seed):
+                    result = run.result()
+                    if result is not None:
+                        rows.append({"size": size, "params": run.params_without_embeddings, "variant": name,
+                                     "lr": run.lr, "seed": seed,
+                                     "eval_bpb": result["eval_bpb"] if result["status"] == "finished" else math.inf})
+    return pd.DataFrame(rows, columns=["size", "params", "variant", "lr", "seed", "eval_bpb"])
+
+
+def lr_transfer(study: Study) -> dict[str, dict]:
+    """Per variant: the mean held-out bits per byte at each (size, rate) over the grid's seeds, the best
+    rate per size, how many grid steps the best rates span, and each (rate, narrower, wider) where the
+    wider model did worse."""
+    table, grid, out = grid_scores(study), study.experiment.lr_grid, {}
+    for name in study.experiment.variants:
+        rows = table[table["variant"] == name]
+        if rows.empty:
+            continue
+        means = rows.groupby(["params", "size", "lr"])["eval_bpb"].mean()
+        sizes = list(dict.fromkeys(size for _, size, _ in sorted(means.index)))  # narrow to wide
+        best = {size: means.xs(size, level="size").idxmin()[1] for size in sizes}
+        steps = [grid.index(best[size]) for size in sizes]
+        by = {(size, lr): value for (_, size, lr), value in means.items()}
+        worse = [(lr, a, b) for lr in grid for a, b in zip(sizes, sizes[1:])
+                 if (a, lr) in by and (b, lr) in by and by[(b, lr)] > by[(a, lr)]]
+        pairs = sum(1 for lr in grid for a, b in zip(sizes, sizes[1:]) if (a, lr) in by and (b, lr) in by)
+        out[name] = {"means": by, "sizes": sizes, "best": best, "spread": max(steps) - min(steps),
+                     "wider_worse": worse, "pairs": pairs}
+    return out
+
+
+def plot_lr_transfer(study: Study, path: Path) -> Path:
+    """Held-out bits per byte against the learning rate, one curve per size, a panel per variant (mean
+    over the grid's seeds, bars from the lowest to the highest; x: diverged)."""
+    table, found = grid_scores(study), lr_transfer(study)
+    names = list(found) or list(study.experiment.variants)
+    plt, figure, axes = figure_grid(len(names), columns=3)
+    finite = table["eval_bpb"][table["eval_bpb"] < math.inf]
+    low, high = (finite.min(), finite.max()) if len(finite) else (0, 1)
+    for ax, name in zip(axes, names):
+        rows = table[(table["variant"] == name)]
+        sizes = found[name]["sizes"] if name in found else []
+        for k, size in enumerate(sizes):
+            points = rows[rows["size"] == size].groupby("lr")["eval_bpb"]
+            mean, lo, hi = points.mean(), points.min(), points.max()
+            ok = mean < math.inf
+            ax.errorbar(mean.index[ok], mean[ok], yerr=[(mean - lo)[ok], (hi - mean)[ok]], fmt="-o", markersize=4,
+                        capsize=3, color=plt.cm.viridis(k / max(1, len(sizes) - 1)), label=size)
+            ax.plot(mean.index[~ok], [high] * int((~ok).sum()), "x", markersize=9,
+                    color=plt.cm.viridis(k / max(1, len(sizes) - 1)))
+        ax.set_xscale("log")
+        ax.set_ylim(low - 0.02 * (high - low + 1e-9), min(high, low + 3 * (finite.median() - low + 1e-9)) + 0.02)
+        ax.set(xlabel="peak learning rate", ylabel="held-out bits per byte",
+               title=f"{name}: learning rate at each size (x: diverged)")
+        ax.grid(alpha=0.3)
+        legend(ax)
+    return save(plt, figure, path)
+
+
+def lr_transfer_section(study: Study) -> list[str]:
+    found, grid = lr_transfer(study), study.experiment.lr_grid
+    sizes = list(dict.fromkeys(size for info in found.values() for size in info["sizes"]))
+    rows = []
+    for name, info in found.items():
+        cells = [f"{info['best'][size]:g} ({number(info['means'][(size, info['best'][size])])})"
+                 if size in info["best"] else "n/a" for size in sizes]
+        worse = info["wider_worse"]
+        rows.append([f"`{name}`", *cells, f"{info['spread']} step{'s' if info['spread'] != 1 else ''}",
+                     "yes" if not worse else f"no: {len(worse)} of {info['pairs']} pairs"])
+    lines = [f"The best rate of the grid ({', '.join(f'{r:g}' for r in grid)}, held-out bits per byte averaged over "
+             f"seed{'s' if len(study.experiment.grid_seed_list) > 1 else ''} "
+             f"{', '.join(map(str, study.experiment.grid_seed_list))}) at each size, how many grid steps the best "
+             "rates span across the sizes (a rate that transfers moves by at most one), and whether a wider model "
+             "is never worse than the next narrower one at the same rate:", ""]
+    lines += markdown(["variant", *sizes, "best rates span", "wider never worse"], rows) + [""]
+    for name, info in found.items():
+        for lr, a, b in info["wider_worse"][:6]:
+            lines.append(f"- `{name}` at {lr:g}: {b} {number(info['means'][(b, lr)])} against {a} "
+                         f"{number(info['means'][(a, lr)])}")
+    return lines + ["", "![learning rate across sizes](lr_transfer.png)"]
+
+
+# --- scaling laws ---
+
+def scaling_points(study: Study, name: str) -> list[scaling.Point]:
+    """One point per size of the variant whose runs finished: N without embeddings, mean tokens, C."""
+    points = []
+    for size in study.experiment.size_labels:
+        v = next(v for v in study.variants[size] if v.name == name)
+        finished = [r for r in v.results.values() if r["status"] == "finished"]
+        if finished:
+            run = v.runs[0]
+            tokens = sum(r["tokens"] for r in finished) / len(finished)
+            points.append(scaling.Point(run.params_without_embeddings, tokens, run.flops_per_token * tokens,
+                                        list(v.finished.values()), size))
+    return points
+
+
+def scalable(points: list) -> bool:
+    """Enough for a fit with a held-out size: three sizes besides the largest."""
+    return len({p.params for p in points}) >= 4
+
+
+def scaling_fits(study: Study) -> dict[str, dict]:
+    """Per variant with enough sizes: the L(C) fit on the frontier of every point with bootstrap
+    intervals, L(N, D) if the points allow it, and the forecast of the largest size (computed once per
+    study: the plot and the text share them)."""
+    if hasattr(study, "scaling_fits"):
+        return study.scaling_fits
+    fits = study.scaling_fits = {}
+    for name in study.experiment.variants:
+        points = scaling_points(study, name)
+        if not scalable(points):
+            continue
+        found = {"points": points, "frontier": scaling.frontier(points), "forecast": scaling.forecast(points, 500)}
+        found["compute"] = scaling.fit_points(points, [p.loss for p in points], "L(C)")
+        found["compute_draws"] = scaling.bootstrap_fits(points, "L(C)", 500)
+        if scaling.chinchilla_possible(points):
+            found["chinchilla"] = scaling.fit_points(points, [p.loss for p in points], "L(N, D)")
+            found["chinchilla_draws"] = scaling.bootstrap_fits(points, "L(N, D)", 500)
+        fits[name] = found
+    return fits
+
+
+def with_interval(value: float, draws) -> str:
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return f"{value:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def training_tokens(run: Run) -> int | None:
+    """Tokens in the run's training split (tokenized through the data cache), for epochs; None if unreadable."""
+    from toolkit import data
+    from toolkit.tokenizer import load_tokenizer
+    cfg = run.train
+    try:
+        folder = data.prepare_data(cfg.data, load_tokenizer(cfg.tokenizer), cfg.text_format, cfg.val_fraction,
+                                   cfg.max_docs, progress=False)
+        return len(data.TokenData(folder, "train"))
+    except Exception:  # noqa: BLE001  (a report still writes without the epoch count)
+        return None
+
+
+def scaling_section(study: Study) -> list[str]:
+    fits = scaling_fits(study)
+    results = [r for r in study.results.values() if r is not None and r["status"] == "finished"]
+    cpu_hours = sum(r["elapsed_s"] * (r.get("threads") or 1) for r in results) / 3600
+    split = training_tokens(study.runs[0])
+    most = max(r["tokens"] for r in results)
+    lines = [f"Held-out bits per byte against training compute C = FLOPs per token (the model's own count, "
+             f"attention included) x tokens, N = parameters without embeddings. {len(results)} finished runs, "
+             f"{count(min(r['tokens'] for r in results))} to {count(most)} tokens each"
+             + (f" (at most {most / split:.2f} epochs of the {count(split)}-token training split: each token seen "
+                "at most once)" if split and most <= split else
+                f" ({most / split:.2f} epochs: repeated data measures overfitting, not scaling)" if split else "")
+             + f", {cpu_hours:.2f} CPU-hours (training time x threads).", ""]
+    for name, found in fits.items():
+        points, forecast = found["points"], found["forecast"]
+        e, a, alpha = found["compute"]
+        draws = found["compute_draws"]
+        lines += [f"**`{name}`**: L(C) = E + A·C^-α on the compute frontier ({len(found['frontier'])} of "
+                  f"{len(points)} points): E = {with_interval(e, draws[:, 0])}, "
+                  f"α = {with_interval(alpha, draws[:, 2])} (95% bootstrap intervals over seeds)."]
+        if "chinchilla" in found:
+            e, a, alpha, b, beta = found["chinchilla"]
+            d = found["chinchilla_draws"]
+            largest = max(p.compute for p in points)
+            n_opt, d_opt = scaling.compute_optimal(found["chinchilla"], largest)
+            ratios = [scaling.compute_optimal(tuple(row), largest) for row in d]
+            ratio_draws = [dd / nn for nn, dd in ratios]
+            lines += ["", f"L(N, D) = E + A/N^α + B/D^β: E = {with_interval(e, d[:, 0])}, "
+                      f"α = {with_interval(alpha, d[:, 2])}, β = {with_interval(beta, d[:, 4])}; at the study's "
+                      f"largest compute ({largest:.3g} FLOPs, C = 6ND) it puts the optimum at N = {count(n_opt)}, "
+                      f"D = {count(d_opt)}: {with_interval(d_opt / n_opt, ratio_draws)} tokens per parameter."]
+        rows = [[p.label, count(p.params), count(p.tokens), f"{p.compute:.3g}",
+                 f"{pred:.4f} [{lo:.4f}, {hi:.4f}]", f"{p.loss:.4f}" + (f" ± {np.std(p.losses, ddof=1):.4f}"
+                                                                      if len(p.losses) > 1 else ""),
+                 "inside" if ok else "**outside**"]
+                for p, pred, lo, hi, ok in zip(forecast.held_out, forecast.predicted, forecast.low, forecast.high,
+                                               forecast.inside)]
+        passed = sum(forecast.inside)
+        lines += ["", f"Forecast of the largest size from the others only ({forecast.law} fitted without it; the 95% "
+                  "interval holds the fits to seed-resampled losses and the seed noise of a mean over the held-out "
+                  f"size's seeds, pooled from the other sizes): {passed} of {len(rows)} measured within it.", ""]
+        lines += markdown(["held-out size", "N", "tokens", "C (FLOPs)", "predicted (95%)", "measured (seeds)",
+                           "forecast"], rows) + [""]
+    return lines + ["![scaling](scaling.png)"]
+
+
+def plot_scaling(study: Study, path: Path) -> Path:
+    """Per variant: every point (colour: size), the frontier, the L(C) fit to all points, and the
+    forecast of the largest size (fit without it) with its 95% interval."""
+    fits = scaling_fits(study)
+    plt, figure, axes = figure_grid(max(1, len(fits)), width=7.0, height=5.0, columns=2)
+    for ax, (name, found) in zip(axes, fits.items()):
+        points, forecast = found["points"], found["forecast"]
+        sizes = sorted({p.params for p in points})
+        colour = {n: plt.cm.viridis(i / max(1, len(sizes) - 1)) for i, n in enumerate(sizes)}
+        for p in points:
+            ax.scatter(p.compute, p.loss, color=colour[p.params], s=22, zorder=3)
+        for n in sizes:
+            line = sorted((p.compute, p.loss) for p in points if p.params == n)
+            ax.plot(*zip(*line), color=colour[n], alpha=0.5, linewidth=1, label=f"N = {count(n)}")
+        c = np.geomspace(min(p.compute for p in points), max(p.compute for p in points) * 1.5, 100)
+        ax.plot(c, scaling.compute_law(c, *found["compute"]), "k-", linewidth=1.2, label="L(C), frontier of all")
+        front = [points[i] for i in found["frontier"]]
+        ax.plot([p.compute for p in front], [p.loss for p in front], "ks", markerfacecolor="none", markersize=8)
+        for p, pred, lo, hi in zip(forecast.held_out, forecast.predicted, forecast.low, forecast.high):
+            ax.errorbar(p.compute * 1.04, pred, yerr=[[pred - lo], [hi - pred]], fmt="D", color="C3", capsize=4,
+                        markersize=5)
+        ax.plot([], [], "D", color="C3", label=f"forecast ({forecast.law}, without the largest N)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set(xlabel="training FLOPs", ylabel="held-out bits per byte", title=f"{name}: loss against compute")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    return save(plt, figure, path)
+
+
+def chooser(experiment: Experiment) -> str:
+    return "the first seed's" if experiment.grid_seeds == "first" else "the seeds' mean"
 
 
 def learning_rate_table(study: Study) -> str:
@@ -554,9 +801,11 @@ def learning_rate_table(study: Study) -> str:
     for size, variants in study.variants.items():
         for v in variants:
             cells = []
-            for run in experiment.grid_runs(size, v.name):
-                r = run.result()
-                cells.append("n/a" if r is None else "diverged" if r["status"] == "diverged" else number(r["val_bpb"]))
+            for i in range(len(experiment.lr_grid)):
+                results = [experiment.grid_runs(size, v.name, seed)[i].result() for seed in experiment.grid_seed_list]
+                cells.append("n/a" if any(r is None for r in results)
+                             else "diverged" if any(r["status"] == "diverged" for r in results)
+                             else number(sum(r["val_bpb"] for r in results) / len(results)))
             best = f"{v.lr:g}" + (" (edge)" if v.lr_at_edge else "") if v.lr is not None else "n/a"
             rows.append([f"{size + ' ' if size else ''}`{v.name}`", *cells, best])
     header = ["variant", *(f"{r:g}" for r in experiment.lr_grid), "best"]
