@@ -480,18 +480,22 @@ def torchrun(workspace, name, nproc, *extra):
     return log(checkpoint.TRAINED / name)
 
 
-@pytest.mark.parametrize(("sharding", "optimizer"), [("ddp", "adamw"), ("fsdp", "adamw"), ("fsdp", "muon")])
+MUP = ("--parametrization=mup", "--base_dim=16")  # muP's multipliers and per-group rates, sharded too
+
+
+@pytest.mark.parametrize(("sharding", "optimizer", "extra"), [("ddp", "adamw", ()), ("fsdp", "adamw", ()),
+                                                              ("fsdp", "muon", ()), ("fsdp", "adamw", MUP)])
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch_through_a_resume(workspace, sharding,
-                                                                                          optimizer):
+                                                                                          optimizer, extra):
     from train import configs as parse
     model_cfg, train_cfg, _, _ = parse([f"--data={workspace}", *DISTRIBUTED_SETTINGS, "--batch_size=8", "--name=one",
-                                        f"--optimizer={optimizer}"])
+                                        f"--optimizer={optimizer}", *extra])
     one = log(train(model_cfg, train_cfg, progress_bar=False))
     # Stopped at step 6, half way through the row of steps 5-8: the resumed run must log the mean loss of
     # both processes' steps 5 and 6, not only rank 0's. A stop and a resume also gather and scatter FSDP's shards;
     # Muon under FSDP orthogonalises each whole matrix, so its losses are the one-process run's too.
     torchrun(workspace, "two", 2, "--batch_size=4", f"--fsdp={sharding == 'fsdp'}", "--stop_at=6",
-             f"--optimizer={optimizer}")
+             f"--optimizer={optimizer}", *extra)
     two = torchrun(workspace, "two", 2, "--resume")
     assert np.allclose(one[EXACT_COLUMNS].to_numpy(float), two[EXACT_COLUMNS].to_numpy(float), atol=1e-5,
                        equal_nan=True)
