@@ -3,6 +3,7 @@
     python experiment.py experiments/quick.toml                # run what has not ended, then write the report
     python experiment.py experiments/norms.toml --dry_run      # the runs, their size, FLOPs per token and budget
     python experiment.py experiments/norms.toml --report       # only the report, from the runs on disk
+    python experiment.py experiments/norms.toml --prune        # an ended study made lean enough to commit
     python experiment.py experiments/norms.toml --parallel=4   # 4 runs at a time (a GPU each, or a share of the CPU)
     python experiment.py experiments/norms.toml --executor=slurm   # a Slurm job per run, through submitit
     python experiment.py --base=llama3-1m --vary norm=rmsnorm,layernorm,cosinenorm --seeds=3 --budget=steps:400
@@ -10,7 +11,8 @@
 
 Runs go to trained/NAME/[SIZE/]VARIANT/[lrRATE/]seedK/ (ordinary trained models: inference.py and
 model_comparison.py take these names); the verdict to trained/NAME/report.md, report.csv and PNG plots.
-Rerunning the same command skips the runs that ended and resumes interrupted ones.
+Rerunning the same command skips the runs that ended and resumes interrupted ones. --prune, once every
+run has ended, drops training states and keeps weights (in bfloat16) for one seed per variant only.
 
 Options (they override the file's keys): --name, --base, --seeds=3 (or 0,1,2), --budget=KIND:AMOUNT
 (steps, tokens, flops, minutes), --eval_data, --lr_grid=5e-4,1e-3,2e-3, --sizes="dim=64;dim=128",
@@ -36,6 +38,7 @@ from toolkit.experiment import (
     ExperimentError,
     Interrupted,
     field_of,
+    prune,
     read_plan,
     run_experiment,
 )
@@ -44,7 +47,7 @@ from toolkit.report import plan_table, write_report
 from toolkit.tokenizer import TokenizerError
 from toolkit.trainer import TrainError, command_line
 
-FLAGS = ("report", "dry_run", "help")
+FLAGS = ("report", "dry_run", "prune", "help")
 PLAN_OPTIONS = ("name", "base", "vary", "seeds", "budget", "eval_data", "lr_grid", "sizes", "threads")
 RUN_OPTIONS = ("parallel", "executor")
 EXECUTORS = ("slurm", "local")
@@ -152,6 +155,9 @@ def main(argv=None):
         experiment, flags, options = parse(argv)
         if "dry_run" in flags:
             print(plan_table(experiment))
+            return
+        if "prune" in flags:
+            prune(experiment)
             return
         if "report" not in flags:
             run_experiment(experiment, options["parallel"], options["executor"], command=command_line())

@@ -26,6 +26,7 @@ from toolkit.experiment import (
     ExperimentError,
     Interrupted,
     execute_run,
+    prune,
     reached_end,
     run_experiment,
     run_spec,
@@ -471,3 +472,28 @@ def test_an_interrupted_experiment_resumes_to_the_same_report(workspace, tmp_pat
         pd.read_csv(tmp_path / "trained/resumed/report.csv")[keep])
     assert len((tmp_path / "trained/resumed/baseline/seed0/command.txt").read_text().splitlines()) == 1  # not rerun
     assert len((second / "command.txt").read_text().splitlines()) == 2  # started, then resumed
+
+
+def test_prune_keeps_what_the_report_reads_and_one_seed_of_weights(workspace):
+    experiment = Experiment.from_dict(plan(workspace, budget={"steps": 6}, variants={"baseline": {}, "qk": {
+        "qk_norm": True}}))
+    with pytest.raises(ExperimentError, match="has runs to go"):
+        prune(experiment, echo=lambda line: None)
+    run_experiment(experiment, progress_bar=False, echo=lambda line: None)
+    report.write_report(experiment)
+    before = (experiment.folder / "report.csv").read_text()
+    original, _ = tools.load_model("study/qk/seed0")
+    kept, freed = prune(experiment, echo=lambda line: None)
+    assert kept == ["study/baseline/seed0", "study/qk/seed0"] and freed > 0
+    assert not list(checkpoint.TRAINED.rglob("training_state.pt"))
+    weights = checkpoint.TRAINED.rglob("model.safetensors")
+    assert sorted(str(p.parent.relative_to(checkpoint.TRAINED)) for p in weights) == kept
+    pruned, _ = tools.load_model("study/qk/seed0")
+    for (name, a), b in zip(original.state_dict().items(), pruned.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b), name  # bfloat16 on disk, float32 once loaded
+    report.write_report(experiment)
+    assert (experiment.folder / "report.csv").read_text() == before  # the report never needed the weights
+    with pytest.raises(tools.LoadError):
+        tools.load_model("study/qk/seed1")
+    kept_again, freed_again = prune(experiment, echo=lambda line: None)  # a second prune changes nothing
+    assert kept_again == kept and freed_again == 0

@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 import tomllib
 import torch
+from safetensors.torch import save_file
 
 from config import PRESETS, ConfigError, ModelConfig, TrainConfig, closest
 from modules.model import Model
@@ -34,7 +35,9 @@ from toolkit import checkpoint, data, trainer
 from toolkit.checkpoint import (
     MODEL_CONFIG,
     TRAIN_CONFIG,
+    WEIGHTS,
     load_checkpoint,
+    load_state_dict_file,
     read_json,
     write_atomically,
 )
@@ -544,6 +547,44 @@ def score_held_out(out: Path, cfg: TrainConfig, eval_data: str, device) -> dict:
     scores = score(model, batches, token_byte_lengths(tokenizer, model.cfg.vocab_size), device)
     return {"eval_loss": scores.loss, "eval_bpb": scores.bits_per_byte, "eval_tokens": scores.tokens,
             "eval_bytes": scores.bytes}
+
+
+# --- a lean study to keep ---
+
+def prune(experiment: Experiment, echo=print) -> tuple[list[str], int]:
+    """Make an ended study small enough to commit: every run keeps its configs, command, logs, stability
+    figures, provenance and result (all the report reads); training states go, and weights stay only
+    for the first seed of each variant (at its chosen rate), stored in bfloat16 (half the bytes; loaded
+    back into float32). Refused while runs have not ended: they would lose their resume state.
+    Returns (the runs that keep weights, bytes freed)."""
+    runs = experiment.runs()
+    pending = [r.name for r in runs if r.result() is None]
+    if pending or any(experiment.verdict_runs(size, name) == [] for size in experiment.size_labels
+                      for name in experiment.variants):
+        raise ExperimentError(f"{experiment.name} has runs to go ({', '.join(pending[:3]) or 'seeds after the grid'}"
+                              f"{' ...' if len(pending) > 3 else ''}): run it to the end before --prune")
+    keep = {experiment.verdict_runs(size, name)[0].name for size in experiment.size_labels
+            for name in experiment.variants}
+    freed = 0
+    for run in runs:
+        state, weights = run.folder / STATE, run.folder / WEIGHTS
+        if state.is_file():
+            freed += state.stat().st_size
+            state.unlink()
+        if not weights.is_file():
+            continue
+        before = weights.stat().st_size
+        if run.name in keep:
+            tensors, metadata = load_state_dict_file(weights)
+            if any(t.dtype != torch.bfloat16 for t in tensors.values()):
+                half = {k: t.to(torch.bfloat16) if t.is_floating_point() else t for k, t in tensors.items()}
+                write_atomically(weights, lambda p: save_file(half, str(p), metadata=metadata))
+        else:
+            weights.unlink()
+        freed += before - (weights.stat().st_size if weights.is_file() else 0)
+    echo(f"{experiment.name}: weights kept (bfloat16) for {len(keep)} run(s): {', '.join(sorted(keep)[:4])}"
+         f"{' ...' if len(keep) > 4 else ''}; {freed / 1e6:.1f} MB freed")
+    return sorted(keep), freed
 
 
 # --- many runs ---
