@@ -3,7 +3,7 @@
     python experiment.py experiments/quick.toml                # run what has not ended, then write the report
     python experiment.py experiments/norms.toml --dry_run      # the runs, their size, FLOPs per token and budget
     python experiment.py experiments/norms.toml --report       # only the report, from the runs on disk
-    python experiment.py experiments/norms.toml --prune        # an ended study made lean enough to commit
+    python experiment.py experiments/norms.toml --prune        # lean enough to commit, even half way
     python experiment.py experiments/norms.toml --parallel=4   # 4 runs at a time (a GPU each, or a share of the CPU)
     python experiment.py experiments/norms.toml --executor=slurm   # a Slurm job per run, through submitit
     python experiment.py --base=llama3-1m --vary norm=rmsnorm,layernorm,cosinenorm --seeds=3 --budget=steps:400
@@ -11,8 +11,9 @@
 
 Runs go to trained/NAME/[SIZE/]VARIANT/[lrRATE/]seedK/ (ordinary trained models: inference.py and
 model_comparison.py take these names); the verdict to trained/NAME/report.md, report.csv and PNG plots.
-Rerunning the same command skips the runs that ended and resumes interrupted ones. --prune, once every
-run has ended, drops training states and keeps weights (in bfloat16) for one seed per variant only.
+Rerunning the same command skips the runs that ended and resumes interrupted ones. --prune drops the
+training states of the runs that ended and keeps weights (in bfloat16) for one seed per variant only;
+runs still to end are left as they are, so a study can be committed half way and resumed.
 
 Options (they override the file's keys): --name, --base, --seeds=3 (or 0,1,2), --budget=KIND:AMOUNT
 (steps, tokens, flops, minutes), --eval_data, --lr_grid=5e-4,1e-3,2e-3, --sizes="dim=64;dim=128",

@@ -474,11 +474,24 @@ def test_an_interrupted_experiment_resumes_to_the_same_report(workspace, tmp_pat
     assert len((second / "command.txt").read_text().splitlines()) == 2  # started, then resumed
 
 
-def test_prune_keeps_what_the_report_reads_and_one_seed_of_weights(workspace):
+def test_prune_keeps_what_the_report_reads_and_one_seed_of_weights(workspace, monkeypatch):
     experiment = Experiment.from_dict(plan(workspace, budget={"steps": 6}, variants={"baseline": {}, "qk": {
-        "qk_norm": True}}))
-    with pytest.raises(ExperimentError, match="has runs to go"):
-        prune(experiment, echo=lambda line: None)
+        "qk_norm": True}}, train={**plan(workspace)["train"], "save_every": 3}))
+    real_step, calls = trainer.train_step, []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # half way through the first run, after its checkpoint at step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", interrupted_step)
+    with pytest.raises(Interrupted):
+        run_experiment(experiment, progress_bar=False, echo=lambda line: None)
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    # half way, prune leaves the stopped run as it is: it resumes
+    assert prune(experiment, echo=lambda line: None) == ([], 0)
+    assert (checkpoint.TRAINED / "study/baseline/seed0/training_state.pt").is_file()
     run_experiment(experiment, progress_bar=False, echo=lambda line: None)
     report.write_report(experiment)
     before = (experiment.folder / "report.csv").read_text()

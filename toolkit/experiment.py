@@ -552,22 +552,23 @@ def score_held_out(out: Path, cfg: TrainConfig, eval_data: str, device) -> dict:
 # --- a lean study to keep ---
 
 def prune(experiment: Experiment, echo=print) -> tuple[list[str], int]:
-    """Make an ended study small enough to commit: every run keeps its configs, command, logs, stability
-    figures, provenance and result (all the report reads); training states go, and weights stay only
-    for the first seed of each variant (at its chosen rate), stored in bfloat16 (half the bytes; loaded
-    back into float32). Refused while runs have not ended: they would lose their resume state.
-    Returns (the runs that keep weights, bytes freed)."""
-    runs = experiment.runs()
-    pending = [r.name for r in runs if r.result() is None]
-    if pending or any(experiment.verdict_runs(size, name) == [] for size in experiment.size_labels
-                      for name in experiment.variants):
-        raise ExperimentError(f"{experiment.name} has runs to go ({', '.join(pending[:3]) or 'seeds after the grid'}"
-                              f"{' ...' if len(pending) > 3 else ''}): run it to the end before --prune")
-    keep = {experiment.verdict_runs(size, name)[0].name for size in experiment.size_labels
-            for name in experiment.variants}
+    """Make a study small enough to commit, also half way through: every run that has ended keeps its
+    configs, command, logs, stability figures, provenance and result (all the report reads) and loses its
+    training state; weights stay for one run per variant only, the first seed at the variant's chosen
+    rate whose weights are still there, stored in bfloat16 (half the bytes; loaded back into float32).
+    A variant whose rate is not chosen yet keeps none; runs that have not ended are not touched, so the
+    study resumes as before. Returns (the runs that keep weights, bytes freed)."""
+    keep = set()
+    for size in experiment.size_labels:
+        for name in experiment.variants:
+            chosen = [r for r in experiment.verdict_runs(size, name)
+                      if (r.folder / WEIGHTS).is_file() and (r.result() or {}).get("status") == "finished"]
+            keep.update(r.name for r in chosen[:1])
     freed = 0
-    for run in runs:
+    for run in experiment.runs():
         state, weights = run.folder / STATE, run.folder / WEIGHTS
+        if run.result() is None:
+            continue
         if state.is_file():
             freed += state.stat().st_size
             state.unlink()
@@ -582,8 +583,9 @@ def prune(experiment: Experiment, echo=print) -> tuple[list[str], int]:
         else:
             weights.unlink()
         freed += before - (weights.stat().st_size if weights.is_file() else 0)
-    echo(f"{experiment.name}: weights kept (bfloat16) for {len(keep)} run(s): {', '.join(sorted(keep)[:4])}"
-         f"{' ...' if len(keep) > 4 else ''}; {freed / 1e6:.1f} MB freed")
+    echo(f"{experiment.name}: weights kept (bfloat16) for {len(keep)} run(s)"
+         f"{': ' + ', '.join(sorted(keep)[:4]) if keep else ''}{' ...' if len(keep) > 4 else ''}; "
+         f"{freed / 1e6:.1f} MB freed")
     return sorted(keep), freed
 
 
