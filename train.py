@@ -12,6 +12,7 @@ Every field of ModelConfig and TrainConfig in config.py can be set with --field=
 run is never overwritten: pass --resume or --overwrite. Ctrl+C, SIGTERM and SIGHUP save a checkpoint and
 exit with 128 + the signal's number (130, 143, 129); errors exit with 1.
 """
+import os
 import re
 import sys
 
@@ -93,6 +94,13 @@ def main(argv=None):
         print("stopped by Ctrl+C before training began: nothing was saved", file=sys.stderr)
         sys.exit(130)
     print(f"saved to {out}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is saved and every process has passed the last barrier. Gloo's worker threads can still
+        # abort the interpreter's own teardown (SIGABRT, "terminate called without an active exception";
+        # pytorch/pytorch#179291), which torchrun reports as a failed job: leave without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
