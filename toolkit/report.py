@@ -346,6 +346,12 @@ def plot_differences(tables: dict[str, pd.DataFrame], path: Path) -> Path:
     return save(plt, figure, path)
 
 
+def grid_ticks(ax, rates: list[float]):
+    """Ticks at the grid's rates, written plainly (a log axis would label its own decades)."""
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
+    ax.minorticks_off()
+
+
 def plot_learning_rates(study: Study, path: Path) -> Path:
     """Validation bits per byte of the first seed at each rate of the grid; x marks a diverged run."""
     plt, figure, axes = figure_grid(len(study.variants))
@@ -359,6 +365,7 @@ def plot_learning_rates(study: Study, path: Path) -> Path:
             top = max((b for _, b in done), default=1.0)
             ax.plot(diverged, [top] * len(diverged), "x", color=f"C{k}", markersize=10)
         ax.set_xscale("log")
+        grid_ticks(ax, study.experiment.lr_grid)
         ax.set(xlabel="peak learning rate", ylabel="validation bits per byte (first seed)",
                title=f"{size + ': ' if size else ''}learning rate (x: diverged)")
         ax.grid(alpha=0.3)
@@ -624,6 +631,7 @@ def plot_lr_transfer(study: Study, path: Path) -> Path:
             ax.plot(mean.index[~ok], [high] * int((~ok).sum()), "x", markersize=9,
                     color=plt.cm.viridis(k / max(1, len(sizes) - 1)))
         ax.set_xscale("log")
+        grid_ticks(ax, study.experiment.lr_grid)
         ax.set_ylim(low - 0.02 * (high - low + 1e-9), min(high, low + 3 * (finite.median() - low + 1e-9)) + 0.02)
         ax.set(xlabel="peak learning rate", ylabel="held-out bits per byte",
                title=f"{name}: learning rate at each size (x: diverged)")
