@@ -72,11 +72,12 @@ def compiled_flex_attention():
 
 
 def flex_attention(q, k, v, block_mask, score_mod, enable_gqa, scale):
-    if q.is_cuda:
-        return compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa,
-                                         scale=scale)
     from torch.nn.attention.flex_attention import flex_attention as flex
-    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa, scale=scale)  # CPU tests
+    # Eager on CUDA it needs its own compiled kernel; inside a compiled model the model's graph compiles it (a
+    # nested torch.compile there would be traced through a cache wrapper). CPU: the unfused reference (tests).
+    if q.is_cuda and not torch.compiler.is_compiling():
+        flex = compiled_flex_attention()
+    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa, scale=scale)
 
 
 class CausalSelfAttention(LoggingModule):

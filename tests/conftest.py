@@ -20,3 +20,4 @@ def shared_data():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than about ten seconds (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (select with -m cuda)")

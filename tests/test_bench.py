@@ -1,6 +1,9 @@
 """bench.py: its plain reference GPT is a correct model and computes the project Model's function (so
 the speed ratio compares like with like), its timing helpers, the sample reader and the CLI."""
+import contextlib
+import io
 import itertools
+import json
 import math
 import re
 
@@ -141,3 +144,116 @@ def test_bad_dims_are_a_one_line_error_before_any_timing(option, message, capsys
 def test_bench_does_not_depend_on_the_shared_folder():
     # Users have only the repository: no path to the developers' ../shared folder, in code or messages.
     assert re.search(r"shared[/\\'\"]", (ROOT / "bench.py").read_text()) is None
+
+
+# --- bench.py gpu: its whole logic at smoke sizes on the CPU (the figures themselves need a GPU) ---
+
+VALUES_OF = {"model": ("ours", "reference"), "loop": ("loop", "bare"), "generate": ("cached", "transformers")}
+
+
+@pytest.fixture(scope="module")
+def gpu_smoke(tmp_path_factory):
+    """`bench.py gpu --device=cpu --smoke` run once, with the llama step made to fail as an out-of-memory or a
+    compile error would: its results.jsonl rows, table.md, printed output and exit status."""
+    out = tmp_path_factory.mktemp("bench_gpu")
+    real = bench.matching_models
+
+    def llama_fails(kind, **dims):
+        if kind == "llama":
+            raise RuntimeError("forced failure of the llama step\nsecond line")
+        return real(kind, **dims)
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exit:
+        patch.setattr(bench, "matching_models", llama_fails)
+        bench.main(["gpu", "--device=cpu", "--smoke", f"--out={out}"])
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return {"exit": exit.value.code, "printed": printed.getvalue(), "environment": lines[0]["environment"],
+            "rows": lines[1:], "table": (out / "table.md").read_text()}
+
+
+@pytest.mark.slow
+def test_gpu_smoke_writes_every_sections_figures_and_ratios_of_them(gpu_smoke):
+    rows = [r for r in gpu_smoke["rows"] if "error" not in r]
+    assert {r["section"] for r in rows} == set(bench.GPU_SECTIONS)
+    assert gpu_smoke["environment"]["sizes"] == "smoke" and gpu_smoke["environment"]["device"]
+    for r in rows:
+        if r["section"] in VALUES_OF and "MFU" not in r["measurement"]:
+            names = ("masked", "unmasked") if r["measurement"].startswith("doc-masked") else VALUES_OF[r["section"]]
+            ours, theirs = (r["values"][name] for name in names)
+            assert ours > 0 and theirs > 0, r
+            assert r["values"]["ratio"] == pytest.approx(ours / theirs, rel=1e-9), r  # one round: exactly their ratio
+            assert r["result"] == f"ratio {r['values']['ratio']:.{2 if r['section'] == 'generate' else 3}f}"
+            assert r["passed"] == (r["values"]["ratio"] >= float(r["target"].removeprefix(">= ")))
+    measured = next(r for r in rows if r["section"] == "peak")["values"]["measured"]
+    mfu_rows = [r for r in rows if "MFU" in r["measurement"]]
+    assert [r["measurement"] for r in mfu_rows] == ["gpt2 step MFU", "real loop MFU (the progress bar's)"]
+    for r in mfu_rows:  # no spec sheet peak on a CPU: the measured matmul peak
+        v = r["values"]
+        assert v["peak"] == measured > 0
+        assert v["mfu"] == pytest.approx(v["flops_per_token"] * v["tokens_per_s"] / measured, rel=1e-9)
+        assert v["causal_mfu"] == pytest.approx(v["causal_flops_per_token"] * v["tokens_per_s"] / measured, rel=1e-9)
+        assert 0 < v["causal_mfu"] < v["mfu"]
+    generation = [r for r in rows if r["section"] == "generate"]
+    assert [r["values"]["tokens"] for r in generation] == [8, 16]  # batches 1 and 2, 8 new tokens each
+    assert all(0 <= r["values"]["same_tokens"] <= r["values"]["tokens"] for r in generation)
+
+
+@pytest.mark.slow
+def test_gpu_smoke_records_a_failed_measurement_and_runs_the_others(gpu_smoke):
+    rows = gpu_smoke["rows"]
+    failed = [r for r in rows if "error" in r]
+    assert [(r["section"], r["measurement"], r["error"]) for r in failed] == [
+        ("model", "llama step", "RuntimeError: forced failure of the llama step")]
+    after = rows[rows.index(failed[0]) + 1:]
+    assert {r["section"] for r in after} == {"generate", "loop"} and all("error" not in r for r in after)
+    assert gpu_smoke["exit"] == f"error: 1 of {len(rows)} measurements failed or did not run: see the table"
+    table = gpu_smoke["table"].splitlines()
+    rows_in_table = [line for line in table if line.startswith("| ") and not line.startswith("| section")]
+    assert len(rows_in_table) == len(rows)
+    assert "| model | llama step | error: RuntimeError: forced failure of the llama step |  |  |  | error |" in table
+    assert "\n".join(rows_in_table) in gpu_smoke["printed"]  # the final table, printed as written
+
+
+def test_gpu_section_past_its_time_records_every_measurement_as_not_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["gpu", "--device=cpu", "--smoke", f"--out={tmp_path}", "--max_minutes=0", "--only=peak,model"])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()[1:]]
+    assert [(r["section"], r["measurement"]) for r in rows] == [("peak", "bf16 matmul"), ("model", "gpt2 step"),
+                                                                  ("model", "llama step")]
+    assert all(r["error"] == "not run: the time limit (--max_minutes) was reached" for r in rows)
+    assert str(exit.value.code) == "error: 3 of 3 measurements failed or did not run: see the table"
+    assert "| peak | bf16 matmul | error: not run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--device=cpu"], "--device=cpu runs only with --smoke"),
+    (["--device=cpu", "--smoke", "--only=peak,gpus"], "'peak,gpus' is not valid: give sections among"),
+])
+def test_gpu_section_refuses_bad_options_in_one_line(options, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["gpu", *options])
+    assert message in capsys.readouterr().err
+
+
+def test_an_out_of_memory_batch_is_halved_until_it_fits():
+    tried = []
+
+    def measure(batch_size):
+        tried.append(batch_size)
+        if batch_size > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return batch_size
+    assert bench.largest_fitting(measure, 64) == 16 and tried == [64, 32, 16]
+    with pytest.raises(torch.OutOfMemoryError):
+        bench.largest_fitting(lambda batch_size: measure(100), 4)
+    assert tried[3:] == [100, 100, 100]  # at 4, 2 and 1
+
+
+def test_gpt2_124m_is_llm_c_s_and_the_causal_count_is_its_formula():
+    with torch.device("meta"):  # sizes only: no memory, no time
+        model = Model(ModelConfig.preset("gpt2-1m", **bench.GPT2_124M))
+    N, L, T, d = model.n_params(), 12, 1024, 768
+    assert N == 124_475_904  # llm.c's "num_parameters" for GPT-2 124M with its padded vocabulary of 50304
+    # llm.c: 6N + 6 L T d, where N also counts the position embedding (T x d), which no matmul uses
+    assert bench.causal_flops_per_token(model) == 6 * N + 6 * L * T * d - 6 * T * d
+    assert model.flops_per_token() == bench.causal_flops_per_token(model) + 6 * L * T * d  # all of T x T

@@ -492,7 +492,11 @@ def record_session(run: Run):
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on `device`. A GPU gets it from pinned memory: the copy then runs asynchronously (from
+    pageable memory it would wait for the queued steps), so the host can queue the next step meanwhile."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def train_step(model, optimizer, micro_batches, cfg: TrainConfig, env: Distributed, device, lr: float):
@@ -683,12 +687,18 @@ def show(bar, row: dict, run: Run, seconds: float, steps: int):
         postfix["val"] = f"{row['val_loss']:.4f}"
     peak = peak_flops(run.device)
     if peak:
-        flops_per_step = run.model.flops_per_token(run.model.cfg.context_length) * run.tokens_per_step
-        postfix["mfu"] = f"{flops_per_step * steps / seconds / peak:.1%}"
+        postfix["mfu"] = f"{model_flops_utilization(run.model, steps * run.tokens_per_step / seconds, peak):.1%}"
     bar.set_postfix(postfix)
 
 
+def model_flops_utilization(model: Model, tokens_per_s: float, peak: float) -> float:
+    """Model FLOPs utilisation: training FLOPs per second, counted by Model.flops_per_token at the full
+    context, over `peak` FLOP/s (the progress bar's figure; bench.py gpu reports the same)."""
+    return model.flops_per_token(model.cfg.context_length) * tokens_per_s / peak
+
+
 def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak FLOP/s from its spec sheet (PEAK_BF16_FLOPS), None when unknown or not a GPU."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
