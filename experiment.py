@@ -4,6 +4,7 @@
     python experiment.py experiments/norms.toml --dry_run      # the runs, their size, FLOPs per token and budget
     python experiment.py experiments/norms.toml --report       # only the report, from the runs on disk
     python experiment.py experiments/norms.toml --prune        # lean enough to commit, even half way
+    python experiment.py experiments/norms.toml --prune=all    # the same, without any weights
     python experiment.py experiments/norms.toml --parallel=4   # 4 runs at a time (a GPU each, or a share of the CPU)
     python experiment.py experiments/norms.toml --executor=slurm   # a Slurm job per run, through submitit
     python experiment.py --base=llama3-1m --vary norm=rmsnorm,layernorm,cosinenorm --seeds=3 --budget=steps:400
@@ -50,7 +51,7 @@ from toolkit.trainer import TrainError, command_line
 
 FLAGS = ("report", "dry_run", "prune", "help")
 PLAN_OPTIONS = ("name", "base", "vary", "seeds", "budget", "eval_data", "lr_grid", "sizes", "threads")
-RUN_OPTIONS = ("parallel", "executor")
+RUN_OPTIONS = ("parallel", "executor", "prune")
 EXECUTORS = ("slurm", "local")
 
 
@@ -105,7 +106,10 @@ def parse(argv: list[str]) -> tuple[Experiment, set, dict]:
     values["model"] = {**values.get("model", {}), **model}
     values["train"] = {**values.get("train", {}), **train}
     run_options = {"parallel": numbers(options.get("parallel", "1"), int, "parallel")[0],
-                   "executor": options.get("executor")}
+                   "executor": options.get("executor"), "prune": options.get("prune")}
+    if run_options["prune"] not in (None, "all"):
+        raise ExperimentError(f"--prune={run_options['prune']!r} is not valid: --prune keeps one seed's weights per "
+                              f"variant, --prune=all none")
     if run_options["parallel"] < 1:
         raise ExperimentError("--parallel must be at least 1")
     if run_options["executor"] not in (None, *EXECUTORS):
@@ -157,8 +161,8 @@ def main(argv=None):
         if "dry_run" in flags:
             print(plan_table(experiment))
             return
-        if "prune" in flags:
-            prune(experiment)
+        if "prune" in flags or options["prune"]:
+            prune(experiment, keep_weights=options["prune"] != "all")
             return
         if "report" not in flags:
             run_experiment(experiment, options["parallel"], options["executor"], command=command_line())
@@ -168,7 +172,8 @@ def main(argv=None):
     except (ExperimentError, ConfigError, DataError, LoadError, TokenizerError, TrainError) as e:
         sys.exit(f"error: {e}")
     columns = ["size", "variant", "bpb_mean", "bpb_std", "diff_mean", "p_holm", "call"]
-    table = pd.read_csv(files[1])[columns[0 if experiment.sizes else 1:]]  # report.csv
+    table = pd.read_csv(files[1])  # report.csv
+    table = table[[c for c in columns[0 if experiment.sizes else 1:] if c in table]]  # one variant: no differences
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
     print(f"wrote {files[0]} (and {', '.join(f.name for f in files[1:])})")
 

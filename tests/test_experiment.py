@@ -365,6 +365,7 @@ def test_the_command_line_without_a_file_plans_one_variant_per_value(workspace, 
 
 @pytest.mark.parametrize("args, message", [
     (["--base=llama3-1m", "--vary", "norm=rmsnorm", "--budget=weeks:3"], "budget kind 'weeks' is not valid"),
+    (["--base=llama3-1m", "--vary", "norm=rmsnorm", "--budget=steps:3", "--prune=some"], "--prune='some' is not valid"),
     (["--base=llama3-1m", "--vary", "nrom=rmsnorm", "--budget=steps:3"], "unknown field 'nrom' (did you mean norm?)"),
     (["--base=llama3-1m", "--vary", "norm=rmsnorm,scalenorm", "--budget=steps:3"],
      "variant scalenorm: norm='scalenorm' is not valid"),
@@ -510,3 +511,5 @@ def test_prune_keeps_what_the_report_reads_and_one_seed_of_weights(workspace, mo
         tools.load_model("study/qk/seed1")
     kept_again, freed_again = prune(experiment, echo=lambda line: None)  # a second prune changes nothing
     assert kept_again == kept and freed_again == 0
+    assert prune(experiment, echo=lambda line: None, keep_weights=False)[0] == []  # --prune=all: no weights at all
+    assert not list(checkpoint.TRAINED.rglob("model.safetensors"))

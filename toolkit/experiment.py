@@ -551,15 +551,16 @@ def score_held_out(out: Path, cfg: TrainConfig, eval_data: str, device) -> dict:
 
 # --- a lean study to keep ---
 
-def prune(experiment: Experiment, echo=print) -> tuple[list[str], int]:
+def prune(experiment: Experiment, echo=print, keep_weights: bool = True) -> tuple[list[str], int]:
     """Make a study small enough to commit, also half way through: every run that has ended keeps its
     configs, command, logs, stability figures, provenance and result (all the report reads) and loses its
     training state; weights stay for one run per variant only, the first seed at the variant's chosen
     rate whose weights are still there, stored in bfloat16 (half the bytes; loaded back into float32).
-    A variant whose rate is not chosen yet keeps none; runs that have not ended are not touched, so the
-    study resumes as before. Returns (the runs that keep weights, bytes freed)."""
+    A variant whose rate is not chosen yet keeps none, and none at all without keep_weights (studies read
+    only for their report); runs that have not ended are not touched, so the study resumes as before.
+    Returns (the runs that keep weights, bytes freed)."""
     keep = set()
-    for size in experiment.size_labels:
+    for size in experiment.size_labels if keep_weights else []:
         for name in experiment.variants:
             chosen = [r for r in experiment.verdict_runs(size, name)
                       if (r.folder / WEIGHTS).is_file() and (r.result() or {}).get("status") == "finished"]

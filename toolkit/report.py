@@ -312,18 +312,35 @@ def legend(ax):
         ax.legend(fontsize=8)
 
 
+SIZE_PANELS = 4  # up to this many sizes, a panel per size; beyond, a panel per variant with a line per size
+
+
+def panels(study: Study) -> list[tuple[str, list[tuple[str, str, Variant]]]]:
+    """(title, [(label, colour, variant)]) of each panel: the variants of a size side by side, or with
+    many sizes (scaling studies) the sizes of a variant, narrow to wide in the viridis colours."""
+    if len(study.variants) <= SIZE_PANELS:
+        return [(size, [(v.name, f"C{k}", v) for k, v in enumerate(variants)])
+                for size, variants in study.variants.items()]
+    import matplotlib
+    sizes = list(study.variants)
+    colours = [matplotlib.colormaps["viridis"](i / max(1, len(sizes) - 1)) for i in range(len(sizes))]
+    return [(name, [(size, colour, study.variants[size][k]) for size, colour in zip(sizes, colours)])
+            for k, name in enumerate(study.experiment.variants)]
+
+
 def plot_curves(study: Study, x: str, path: Path) -> Path:
     """Validation bits per byte against x, mean over seeds with a band from the lowest to the highest."""
-    plt, figure, axes = figure_grid(len(study.variants))
-    for ax, (size, variants) in zip(axes, study.variants.items()):
-        for k, v in enumerate(variants):
+    chosen = panels(study)
+    plt, figure, axes = figure_grid(len(chosen))
+    for ax, (title, lines) in zip(axes, chosen):
+        for label, colour, v in lines:
             table = curves(v)
             if table is None:
                 continue
-            ax.plot(table[x], table["mean"], color=f"C{k}", label=v.name)
-            ax.fill_between(table[x], table["min"], table["max"], color=f"C{k}", alpha=0.2)
+            ax.plot(table[x], table["mean"], color=colour, label=label)
+            ax.fill_between(table[x], table["min"], table["max"], color=colour, alpha=0.2)
         ax.set(xlabel=X_AXES[x], ylabel="validation bits per byte",
-               title=f"{size + ': ' if size else ''}bits per byte against {X_AXES[x]} (band: seeds)")
+               title=f"{title + ': ' if title else ''}bits per byte against {X_AXES[x]} (band: seeds)")
         ax.grid(alpha=0.3)
         legend(ax)
     return save(plt, figure, path)
@@ -399,17 +416,18 @@ def part_order(part: str) -> tuple:
 def plot_gradients(study: Study, path: Path) -> Path:
     """Mean gradient norm of each part of the model over training, per variant (parts in model order,
     so variants of different depths line up)."""
-    plt, figure, axes = figure_grid(len(study.variants))
-    for ax, (size, variants) in zip(axes, study.variants.items()):
-        norms = {v.name: stability(v)["part_grad_norms"] for v in variants}
-        parts = sorted({part for values in norms.values() for part in values}, key=part_order)
-        for k, (name, values) in enumerate(norms.items()):
+    chosen = panels(study)
+    plt, figure, axes = figure_grid(len(chosen))
+    for ax, (title, lines) in zip(axes, chosen):
+        norms = {label: (colour, stability(v)["part_grad_norms"]) for label, colour, v in lines}
+        parts = sorted({part for _, values in norms.values() for part in values}, key=part_order)
+        for label, (colour, values) in norms.items():
             if values:
-                ax.plot([parts.index(p) for p in values], list(values.values()), "-o", color=f"C{k}", label=name)
+                ax.plot([parts.index(p) for p in values], list(values.values()), "-o", color=colour, label=label)
         ax.set_xticks(range(len(parts)), parts, rotation=45)
         ax.set_yscale("log")
         ax.set(xlabel="part of the model", ylabel="mean gradient norm (before clipping)",
-               title=f"{size + ': ' if size else ''}gradient norms per part")
+               title=f"{title + ': ' if title else ''}gradient norms per part")
         ax.grid(alpha=0.3)
         legend(ax)
     return save(plt, figure, path)
@@ -792,7 +810,6 @@ def plot_scaling(study: Study, path: Path) -> Path:
                         markersize=5)
         ax.plot([], [], "D", color="C3", label=f"forecast ({forecast.law}, without the largest N)")
         ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.set(xlabel="training FLOPs", ylabel="held-out bits per byte", title=f"{name}: loss against compute")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
