@@ -102,7 +102,7 @@ def test_sizes_as_a_product_with_budgets_and_every_seed_on_the_grid(tmp_path):
 
 @pytest.fixture(scope="module")
 def sized_study(tmp_path_factory):
-    """Four widths x two rates x two seeds of tiny models, every seed on the grid."""
+    """Four widths x two step counts of tiny models, two rates on seed 0, then seed 1 at the best."""
     tmp = tmp_path_factory.mktemp("sized")
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
@@ -110,7 +110,7 @@ def sized_study(tmp_path_factory):
         patch.setattr(data, "CACHE", tmp / "cache")
         texts = write_texts(tmp / "texts")
         experiment = Experiment.from_dict(grid_plan(texts, name="sized", seeds=2, lr_grid=[2e-3, 8e-3],
-                                                    grid_seeds="all", sizes=["dim=8", "dim=16", "dim=24", "dim=32"],
+                                                    sizes={"dim": [8, 16, 24, 32], "steps": [5, 10]},
                                                     budget={"steps": 10},
                                                     variants={"mup": {"parametrization": "mup", "base_dim": 16}}))
         run_experiment(experiment, progress_bar=False, echo=lambda line: None)
@@ -127,11 +127,11 @@ def test_a_sized_study_reports_learning_rate_transfer_and_a_scaling_fit(sized_st
     assert "## Learning rate across sizes" in text and "## Scaling" in text
     found = report.lr_transfer(report.Study(experiment))["mup"]
     runs = {r.name: r.result() for r in experiment.runs()}
-    size, lr = "dim16", 8e-3
-    by_hand = np.mean([runs[f"sized/{size}/mup/lr{lr:g}/seed{s}"]["eval_bpb"] for s in (0, 1)])
-    assert found["means"][(size, lr)] == pytest.approx(by_hand)
+    size, lr = "dim16-steps10", 8e-3
+    assert found["means"][(size, lr)] == pytest.approx(runs[f"sized/{size}/mup/lr{lr:g}/seed0"]["eval_bpb"])
     best = {s: min(experiment.lr_grid, key=lambda r: found["means"][(s, r)]) for s in found["sizes"]}
-    assert found["best"] == best and found["sizes"] == ["dim8", "dim16", "dim24", "dim32"]
+    assert found["best"] == best and len(found["sizes"]) == 8
     fits = report.scaling_fits(report.Study(experiment))["mup"]
-    assert {p.label for p in fits["forecast"].held_out} == {"dim32"}
+    assert {p.label for p in fits["forecast"].held_out} == {"dim32-steps5", "dim32-steps10"}
+    assert {p.tokens for p in fits["points"]} == {5 * 4 * 32, 10 * 4 * 32}
     assert "Forecast of the largest size from the others only" in text

@@ -621,9 +621,14 @@ def lr_transfer(study: Study) -> dict[str, dict]:
         best = {size: means.xs(size, level="size").idxmin()[1] for size in sizes}
         steps = [grid.index(best[size]) for size in sizes]
         by = {(size, lr): value for (_, size, lr), value in means.items()}
-        worse = [(lr, a, b) for lr in grid for a, b in zip(sizes, sizes[1:])
-                 if (a, lr) in by and (b, lr) in by and by[(b, lr)] > by[(a, lr)]]
-        pairs = sum(1 for lr in grid for a, b in zip(sizes, sizes[1:]) if (a, lr) in by and (b, lr) in by)
+        params = {size: n for n, size, _ in means.index}
+        budget = {size: study.experiment.size_budget(size) for size in sizes}
+        wider = [(a, b) for i, a in enumerate(sizes)  # the next wider size with the same budget
+                 for b in [next((c for c in sizes[i + 1:] if params[c] > params[a] and budget[c] == budget[a]), None)]
+                 if b is not None]
+        compared = [(lr, a, b) for lr in grid for a, b in wider if (a, lr) in by and (b, lr) in by]
+        worse = [(lr, a, b) for lr, a, b in compared if by[(b, lr)] > by[(a, lr)]]
+        pairs = len(compared)
         out[name] = {"means": by, "sizes": sizes, "best": best, "spread": max(steps) - min(steps),
                      "wider_worse": worse, "pairs": pairs}
     return out
@@ -698,8 +703,9 @@ def scaling_points(study: Study, name: str) -> list[scaling.Point]:
 
 
 def scalable(points: list) -> bool:
-    """Enough for a fit with a held-out size: three sizes besides the largest."""
-    return len({p.params for p in points}) >= 4
+    """Enough for a fit with a held-out size: several sizes (three besides the largest) and several
+    token counts; one token count is a transfer check, not a scaling study."""
+    return len({p.params for p in points}) >= 4 and len({p.tokens for p in points}) >= 2
 
 
 def scaling_fits(study: Study) -> dict[str, dict]:
