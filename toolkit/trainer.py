@@ -224,8 +224,11 @@ def loop(run: Run, stop: "StopRequest", progress_bar: bool):
     meter = Meter(run.progress, run.device)
     time_limit = run.cfg.max_minutes * 60 if run.cfg.max_minutes is not None else math.inf
     stop.phase = "training"
+    # The loop ends where at_boundary was told the time was up, so that step is evaluated and saved (a
+    # resumed run may have used its minutes already).
+    out_of_time = run.progress.elapsed_s >= time_limit
     try:
-        while run.progress.step < run.end and run.progress.elapsed_s < time_limit:
+        while run.progress.step < run.end and not out_of_time:
             lr = learning_rate(run.progress.step, run.cfg)
             run.stability.arm(logs_at(run.progress.step + 1, run.cfg))
             run.wrapped, loss, grad_norm = run_step(run, lr)
