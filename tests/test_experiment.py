@@ -64,21 +64,25 @@ def workspace(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """baseline, an identical copy and a variant with a learning rate of 1e-6, 3 seeds each, run once."""
-    tmp = tmp_path_factory.mktemp("study")
+def ran_study(tmp, plan_of):
+    """A module's study, run once: trained/, the data cache and the texts in `tmp`, the experiment
+    plan_of(texts) run and reported. Yields (experiment, report files, texts)."""
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checkpoint, "TRAINED", tmp / "trained")
         patch.setattr(data, "CACHE", tmp / "cache")
         texts = write_texts(tmp / "texts")
-        variants = {"baseline": {}, "same": {}, "slow": {"lr": 1e-6, "min_lr": 1e-7}}
-        experiment = Experiment.from_dict(plan(texts, seeds=3, variants=variants))
+        experiment = Experiment.from_dict(plan_of(texts))
         run_experiment(experiment, progress_bar=False, echo=lambda line: None)
-        files = report.write_report(experiment)
-        yield experiment, files, texts
+        yield experiment, report.write_report(experiment), texts
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """baseline, an identical copy and a variant with a learning rate of 1e-6, 3 seeds each, run once."""
+    variants = {"baseline": {}, "same": {}, "slow": {"lr": 1e-6, "min_lr": 1e-7}}
+    yield from ran_study(tmp_path_factory.mktemp("study"), lambda texts: plan(texts, seeds=3, variants=variants))
 
 
 # --- statistics ---

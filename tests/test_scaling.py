@@ -5,12 +5,11 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from scipy import optimize
-from test_experiment import TINY_TRAIN, plan, write_texts
+from test_experiment import TINY_TRAIN, plan, ran_study, write_texts
 
-from toolkit import checkpoint, data, report, scaling
-from toolkit.experiment import Experiment, ExperimentError, run_experiment
+from toolkit import report, scaling
+from toolkit.experiment import Experiment, ExperimentError
 
 LAW = dict(e=0.8, a=20.0, alpha=0.35, b=50.0, beta=0.3)  # bits per byte of the order of this study's
 SIZES, TOKENS = (1e4, 2.5e4, 6e4, 1.5e5, 4e5, 1e6), (2.5e5, 5e5, 1e6, 2e6)
@@ -103,20 +102,13 @@ def test_sizes_as_a_product_with_budgets_and_every_seed_on_the_grid(tmp_path):
 @pytest.fixture(scope="module")
 def sized_study(tmp_path_factory):
     """Four widths x two step counts of tiny models, two rates on seed 0, then seed 1 at the best."""
-    tmp = tmp_path_factory.mktemp("sized")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpoint, "TRAINED", tmp / "trained")
-        patch.setattr(data, "CACHE", tmp / "cache")
-        texts = write_texts(tmp / "texts")
-        experiment = Experiment.from_dict(grid_plan(texts, name="sized", seeds=2, lr_grid=[2e-3, 8e-3],
-                                                    sizes={"dim": [8, 16, 24, 32], "steps": [5, 10]},
-                                                    budget={"steps": 10},
-                                                    variants={"mup": {"parametrization": "mup", "base_dim": 16}}))
-        run_experiment(experiment, progress_bar=False, echo=lambda line: None)
-        files = report.write_report(experiment)
+    def sized(texts):
+        return grid_plan(texts, name="sized", seeds=2, lr_grid=[2e-3, 8e-3], budget={"steps": 10},
+                         sizes={"dim": [8, 16, 24, 32], "steps": [5, 10]},
+                         variants={"mup": {"parametrization": "mup", "base_dim": 16}})
+
+    for experiment, files, _ in ran_study(tmp_path_factory.mktemp("sized"), sized):
         yield experiment, files
-    torch.set_num_threads(threads)
 
 
 def test_a_sized_study_reports_learning_rate_transfer_and_a_scaling_fit(sized_study):
