@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -477,6 +478,43 @@ def test_an_interrupted_experiment_resumes_to_the_same_report(workspace, tmp_pat
         pd.read_csv(tmp_path / "trained/resumed/report.csv")[keep])
     assert len((tmp_path / "trained/resumed/baseline/seed0/command.txt").read_text().splitlines()) == 1  # not rerun
     assert len((second / "command.txt").read_text().splitlines()) == 2  # started, then resumed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_a_background_parallel_runner_stops_every_run_with_a_checkpoint(workspace, tmp_path, signum):
+    """Started in the background (Ctrl+C ignored, as a shell's `&` does), the runner still stops on
+    `kill -INT` or `kill`: each run gets the signal once, saves and ends, and nothing is left running."""
+    values = plan(workspace, seeds=[0, 1], budget={"steps": 100000}, threads=1)
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(values))
+    process = subprocess.Popen([sys.executable, "experiment.py", str(path), "--parallel=2"], cwd=ROOT,
+                               env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    runs = [tmp_path / f"trained/study/baseline/seed{seed}" for seed in (0, 1)]
+    deadline = time.time() + 300
+    while (not all((run / "training_state.pt").is_file() for run in runs) and time.time() < deadline
+           and process.poll() is None):  # both past their first checkpoint: training, not setting up
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and stderr.strip().endswith("stopped: run the same command again to resume")
+    for run in runs:
+        assert not (run / "result.json").is_file()
+        step = torch.load(run / "training_state.pt", weights_only=True)["step"]
+        assert step > 10 and step >= pd.read_csv(run / "log_data.csv")["step"].max()  # saved where it stopped
+    assert not [pid for pid in running_processes() if str(tmp_path).encode() in pid[1]]  # no run outlives the runner
+
+
+def running_processes() -> list[tuple[str, bytes]]:
+    """(pid, command line) of this machine's processes, from /proc; [] where there is none."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            found.append((entry.name, (entry / "cmdline").read_bytes()))
+        except OSError:  # ended while we looked
+            pass
+    return found
 
 
 def test_prune_keeps_what_the_report_reads_and_one_seed_of_weights(workspace, monkeypatch):

@@ -17,8 +17,10 @@ import math
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -659,39 +661,66 @@ def python_path() -> str:
 
 def run_in_subprocesses(specs: list[dict], parallel: int, log_folder: Path, echo):
     """`parallel` runs at a time, each `python -m toolkit.experiment SPEC` with its own slot (a GPU, or
-    a share of the CPU threads); output goes to log_folder. A Ctrl+C lets the running ones save first."""
+    a share of the CPU threads); output goes to log_folder. Ctrl+C, SIGTERM and SIGHUP reach the runs
+    through this process alone (they run in their own sessions), so each run gets the signal once: it
+    saves and stops, and no new run starts. The same signal again is passed on again (a second Ctrl+C
+    makes the runs quit at once). A runner started in the background, where Ctrl+C is ignored, still
+    stops on `kill -INT` or `kill`."""
     log_folder.mkdir(parents=True, exist_ok=True)
     wants_gpu = any(s["train"]["device"].split(":")[0] in ("auto", "cuda") for s in specs)
     gpus = torch.cuda.device_count() if wants_gpu and torch.cuda.is_available() else 0
     slots = queue.Queue()
     for slot in range(parallel):
         slots.put(slot)
+    live, lock, stopping = set(), threading.Lock(), threading.Event()
 
     def work(spec):
         slot = slots.get()
         try:
             log = log_folder / (spec["name"].replace("/", "__") + ".log")
-            with open(log, "w") as f:
-                done = subprocess.run([sys.executable, "-m", "toolkit.experiment", json.dumps(spec)], cwd=ROOT,
-                                      env=worker_environment(slot, spec["threads"], gpus), stdout=f,
-                                      stderr=subprocess.STDOUT)
-            return done.returncode, log
+            with lock:
+                if stopping.is_set():
+                    return None, log
+                with open(log, "w") as f:
+                    process = subprocess.Popen([sys.executable, "-m", "toolkit.experiment", json.dumps(spec)],
+                                               cwd=ROOT, env=worker_environment(slot, spec["threads"], gpus),
+                                               stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                live.add(process)
+            code = process.wait()
+            with lock:
+                live.discard(process)
+            return code, log
         finally:
             slots.put(slot)
 
-    failures = []
-    with ThreadPoolExecutor(parallel) as pool:
-        futures = {pool.submit(work, spec): spec for spec in specs}
-        try:
-            for future, spec in futures.items():
-                code, log = future.result()
-                if code == 0:
-                    echo(outcome(read_json(checkpoint.TRAINED / spec["name"] / RESULT)))
-                else:
-                    failures.append(f"{spec['name']} (exit {code}; see {log})")
-        except KeyboardInterrupt:  # the runs got the Ctrl+C too: they save and stop
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise Interrupted("stopped: run the same command again to resume") from None
+    def pass_on(signum, frame):
+        with lock:
+            for process in live:
+                process.send_signal(signum)
+            first = not stopping.is_set()
+            stopping.set()
+        if first:
+            raise Interrupted("stopped: run the same command again to resume")
+
+    failures, handlers = [], {}
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        handlers = {sig: signal.signal(sig, pass_on) for sig in trainer.STOP_SIGNALS}
+    try:
+        with ThreadPoolExecutor(parallel) as pool:
+            futures = {pool.submit(work, spec): spec for spec in specs}
+            try:
+                for future, spec in futures.items():
+                    code, log = future.result()
+                    if code == 0:
+                        echo(outcome(read_json(checkpoint.TRAINED / spec["name"] / RESULT)))
+                    elif code is not None:
+                        failures.append(f"{spec['name']} (exit {code}; see {log})")
+            except (Interrupted, KeyboardInterrupt):  # the runs got the signal: wait while they save and stop
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise Interrupted("stopped: run the same command again to resume") from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if failures:
         raise ExperimentError(f"{len(failures)} run(s) failed: {'; '.join(failures)}")
 
