@@ -11,6 +11,7 @@ from toolkit import coord_check
 from toolkit.checkpoint import load_checkpoint, save_model
 from toolkit.hf import export_hf, hf_config_for
 from toolkit.optim import make_optimizer
+from toolkit.stability import StabilityLog
 
 SMALL = dict(vocab_size=97, context_length=32, n_layers=2)
 
@@ -94,6 +95,19 @@ def test_mup_models_save_load_and_export_exactly(tmp_path):
         with pytest.raises(ValueError, match=f"parametrization='mup' with {field}=True"):
             hf_config_for(ModelConfig.preset("llama3-1m", dim=128, parametrization="mup", base_dim=32, **{field: True}))
     hf_config_for(ModelConfig.preset("llama3-1m", dim=128, parametrization="mup", base_dim=128, tie_embeddings=True))
+
+
+def test_stability_log_measures_the_logits_the_loss_sees(tmp_path):
+    """Under muP the head's output is multiplied by 1/m: the logged logits RMS is that of the model's logits."""
+    model = model_of(dim=128, parametrization="mup", base_dim=32)
+    log = StabilityLog(tmp_path, model, make_optimizer(model, TrainConfig(), torch.device("cpu")), None, False)
+    raw = []
+    model.head.register_forward_hook(lambda module, inputs, output: raw.append(output))
+    with torch.no_grad(), log.measuring_logits():
+        logits = model(ids(3, 32))[0]
+    rms = logits.square().mean().sqrt().item()
+    assert log.logits_rms == pytest.approx(rms, rel=1e-5)
+    assert raw[0].square().mean().sqrt().item() == pytest.approx(4 * rms, rel=1e-5)  # m = 4: not the head's output
 
 
 def test_coordinate_check_is_flat_under_mup_and_grows_under_sp():

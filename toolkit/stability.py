@@ -72,11 +72,13 @@ class StabilityLog:
 
     @contextmanager
     def measuring_logits(self):
-        """Sum the squares of every logit the head produces inside this block (the validation set)."""
+        """Sum the squares of every logit the model produces inside this block (the validation set): the
+        head's output times the parametrization's output multiplier (muP's 1/m), as the loss sees them."""
         totals = {"count": 0, "norms": []}
+        multiplier = self.model.scales.output
 
         def hook(module, inputs, output):  # norms stay on the device until the block ends: no waiting
-            totals["norms"].append(torch.linalg.vector_norm(output.detach()))
+            totals["norms"].append(torch.linalg.vector_norm(output.detach()) * multiplier)
             totals["count"] += output.numel()
 
         handle = self.model.head.register_forward_hook(hook)
