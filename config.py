@@ -89,7 +89,7 @@ REGISTRIES = {"attention": ATTENTIONS, "positions": POSITIONS, "norm": NORMS, "n
               "mlp": MLPS, "activation": ACTIVATIONS, "parametrization": PARAMETRIZATIONS}
 # Fields that hold for the whole model; every other field may differ per layer (see ModelConfig.layers).
 MODEL_WIDE = ("vocab_size", "context_length", "dim", "n_layers", "tie_embeddings", "embed_dropout", "init_std",
-              "parametrization", "base_dim", "layers")
+              "zero_head", "parametrization", "base_dim", "layers")
 # Derived fields recomputed for a layer that overrides what they derive from (unless it sets them too).
 DERIVED = {"head_dim": ("n_heads",), "mlp_hidden": ("mlp_multiplier", "mlp_multiple_of")}
 # model_config.json carries the format it was written in; older formats are migrated on load.
@@ -165,6 +165,7 @@ class ModelConfig(Settings):
     attn_dropout: float = 0.0  # dropout on the attention probabilities
     resid_dropout: float = 0.0  # dropout on each block's output before it joins the residual stream
     init_std: float = 0.02  # standard deviation of the initial weights
+    zero_head: bool = False  # start the output head at zero (muP's advice: the first logits are 0 at any width)
     parametrization: str = "sp"  # sp | mup (modules/parametrization.py: rates that carry across widths)
     base_dim: int | None = None  # mup: the width the hyperparameters were tuned at (None: dim, where mup is sp)
     # Per-layer overrides: {selector: {field: value}}, selectors as in layer_selection ('0', '1,3', '::2');
@@ -189,6 +190,8 @@ class ModelConfig(Settings):
         for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
             require(0 <= getattr(self, name) < 1, name, getattr(self, name), "must be in [0, 1)")
         require(self.init_std > 0, "init_std", self.init_std, "must be positive")
+        require(not (self.zero_head and self.tie_embeddings), "zero_head", self.zero_head,
+                "would zero the token embeddings the head shares: untie them (tie_embeddings=False)")
         if self.base_dim is not None:
             require(self.base_dim > 0, "base_dim", self.base_dim, "must be None or a positive integer")
         for field in REGISTRIES:

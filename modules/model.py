@@ -40,8 +40,8 @@ class Model(LoggingModule):
     def init_weights(self):
         """GPT-2 init: N(0, init_std) for matrices and embeddings, zero biases, and residual
         projections scaled by 1/sqrt(2 n_layers) so the residual stream does not grow with depth; the
-        layers' matrices also by the parametrization's width factor. Other parameters keep the initial
-        values their modules gave them."""
+        layers' matrices also by the parametrization's width factor; the head at zero with zero_head.
+        Other parameters keep the initial values their modules gave them."""
         std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -53,6 +53,8 @@ class Model(LoggingModule):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
+        if self.cfg.zero_head:
+            nn.init.zeros_(self.head.weight)
 
     @log_io(outputs=("logits", "loss"))
     def forward(self, input_ids, targets=None, *, doc_ids=None, padding_mask=None, cache: KVCache | None = None,

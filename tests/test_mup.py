@@ -71,6 +71,25 @@ def test_mup_multipliers_follow_the_width_ratio():
             assert group["lr_scale"] == (expected if is_hidden else 1.0), (name, adjust)
 
 
+def test_zero_head_starts_every_logit_at_zero_and_still_learns():
+    """The head starts at zero (the rest as without it, from the same seed); one AdamW step moves it."""
+    plain, zero = model_of(dim=128, parametrization="mup", base_dim=32), model_of(dim=128, parametrization="mup",
+                                                                               base_dim=32, zero_head=True)
+    assert all(torch.equal(a, b) for name, a, b in zip(plain.state_dict(), plain.state_dict().values(),
+                                                         zero.state_dict().values()) if name != "head.weight")
+    x, y = ids(2, 32), ids(2, 32, seed=5)
+    logits, loss = zero(x, y)
+    assert torch.equal(logits, torch.zeros_like(logits)) and loss.item() == pytest.approx(math.log(97), rel=1e-6)
+    opt = make_optimizer(zero, TrainConfig(lr=1e-2), torch.device("cpu"))
+    for _ in range(5):
+        opt.zero_grad()
+        zero(x, y)[1].backward()
+        opt.step()
+    assert zero(x, y)[1].item() < math.log(97) - 0.1
+    with pytest.raises(ConfigError, match="zero_head=True is not valid: would zero the token embeddings"):
+        ModelConfig(zero_head=True, tie_embeddings=True)
+
+
 def test_base_dim_is_checked_and_model_wide():
     with pytest.raises(ConfigError, match="base_dim=0 is not valid"):
         ModelConfig(base_dim=0, parametrization="mup")

@@ -10,6 +10,7 @@ from test_experiment import TINY_TRAIN, plan, ran_study, write_texts
 
 from toolkit import report, scaling
 from toolkit.experiment import Experiment, ExperimentError
+from toolkit.report import plan_table
 
 LAW = dict(e=0.8, a=20.0, alpha=0.35, b=50.0, beta=0.3)  # bits per byte of the order of this study's
 SIZES, TOKENS = (1e4, 2.5e4, 6e4, 1.5e5, 4e5, 1e6), (2.5e5, 5e5, 1e6, 2e6)
@@ -91,6 +92,10 @@ def test_sizes_as_a_product_with_budgets_and_every_seed_on_the_grid(tmp_path):
     assert {r.name: r.train.max_steps for r in runs}["study/dim16-tokens2560/baseline/lr0.002/seed1"] == \
         2560 // tokens_per_step
     assert {r.model.dim for r in runs} == {16, 32}
+    table = plan_table(experiment).splitlines()
+    assert len(table) == 2 + len(runs) and "then seeds" not in table[-1]  # every run listed, none still to choose
+    first = plan_table(Experiment.from_dict(grid_plan(texts, seeds=2, lr_grid=[1e-3, 2e-3]))).splitlines()
+    assert len(first) == 2 + 2 + 1 and first[-1].startswith("then seeds 1 of baseline at the rate")
     with pytest.raises(ExperimentError, match="grid_seeds is about lr_grid"):
         Experiment.from_dict(plan(texts, grid_seeds="all"))
     with pytest.raises(ExperimentError, match="grid_seeds='some' is not valid"):

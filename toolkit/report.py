@@ -875,7 +875,7 @@ def plan_table(experiment: Experiment) -> str:
                      f"{tokens * run.flops_per_token:.3g}", run_status(run)])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines += ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    if experiment.lr_grid:
+    if experiment.lr_grid and experiment.grid_seeds == "first":  # with "all" every run is listed above
         waiting = [f"{size + '/' if size else ''}{name}"
                    for size in experiment.size_labels for name in experiment.variants
                    if experiment.best_lr(size, name) is None]
