@@ -3,6 +3,7 @@ offline, the document split, token shards and their cache, batches."""
 import gzip
 import hashlib
 import json
+import shutil
 import socket
 import sys
 import time
@@ -169,6 +170,30 @@ def test_cache_is_reused_and_rebuilt_when_the_source_changes(tmp_path, monkeypat
     (changed / "meta.json").unlink()  # an interrupted build is never reused
     prepare_data(str(source), tokenizer, progress=False)
     assert len(calls) == 3
+
+
+def test_a_cache_published_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Two runs of a parallel experiment tokenize the same text at once: the one that finishes second
+    keeps the first one's shards (which that run may already be reading) and discards its own."""
+    source = tmp_path / "t.txt"
+    source.write_text("one\n<|endoftext|>\ntwo\n<|endoftext|>\nthree\n<|endoftext|>\n")
+    tokenizer = load_tokenizer("bytes")
+    real_build, theirs = data.build_shards, {}
+
+    def build_while_another_finishes(folder, *args, **kwargs):
+        meta = real_build(folder, *args, **kwargs)
+        final = folder.with_name(folder.name.rsplit(".tmp", 1)[0])
+        shutil.copytree(folder, final)  # the other process's finished build, published first
+        (final / "meta.json").write_text(json.dumps(meta))
+        theirs["inode"] = (final / "meta.json").stat().st_ino
+        theirs["reader"] = TokenData(final, "train")  # and already reading it
+        return meta
+
+    monkeypatch.setattr(data, "build_shards", build_while_another_finishes)
+    directory = prepare_data(str(source), tokenizer, val_fraction=0.0, progress=False)
+    assert (directory / "meta.json").stat().st_ino == theirs["inode"]  # theirs, not replaced by ours
+    assert theirs["reader"].read(0, 4).tolist() == TokenData(directory, "train").read(0, 4).tolist()
+    assert [p for p in directory.parent.iterdir() if ".tmp" in p.name] == []  # ours is gone
 
 
 def token_data(tmp_path, n_tokens=1000):

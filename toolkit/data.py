@@ -426,11 +426,26 @@ def prepare_data(spec: str, tokenizer, text_format="auto", val_fraction=0.1, max
         meta.update(source=spec, tokenizer=tokenizer.name, text_format=text_format, val_fraction=val_fraction,
                     max_docs=max_docs)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(directory, ignore_errors=True)
-        tmp.rename(directory)
+        publish(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def publish(tmp: Path, directory: Path):
+    """Move a finished build into place. Another process (a parallel run of an experiment) may have
+    published the same shards meanwhile: theirs stay, for they may be reading them already. A folder
+    without meta.json is an interrupted build and is replaced."""
+    for attempt in range(2):
+        try:
+            tmp.rename(directory)  # atomic; fails where directory exists and is not empty
+            return
+        except OSError:
+            if (directory / "meta.json").is_file():
+                return
+            if attempt == 0:
+                shutil.rmtree(directory, ignore_errors=True)
+    raise DataError(f"cannot move the token cache into {directory}: remove that folder and run again")
 
 
 class TokenData:
