@@ -512,3 +512,13 @@ def test_real_text_tiny_shakespeare_learns(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
     rows = log(run("shakespeare", max_steps=60, eval_every=30, batch_size=8))  # shipped in data/
     assert rows["val_loss"].dropna().iloc[-1] < 3.5  # far below ln(259) = 5.56, the loss of knowing nothing
+
+
+def test_gpu_peaks_match_the_card_not_just_its_family():
+    """torch's device names: the PCIe and NVL H100 are slower cards than the SXM one that "H100" names."""
+    assert trainer.peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert trainer.peak_flops_of("NVIDIA H100 NVL") == 835e12
+    assert trainer.peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert trainer.peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert trainer.peak_flops_of("NVIDIA GeForce RTX 4090") == 165e12
+    assert trainer.peak_flops_of("Some Future GPU") is None

@@ -66,7 +66,10 @@ COMMAND = "command.txt"
 RUN_FILES = (WEIGHTS, MODEL_CONFIG, TRAIN_CONFIG, STATE, LOG, COMMAND, PROVENANCE)
 LOG_COLUMNS = ["step", "tokens_seen", "elapsed_s", "lr", "train_loss", "val_loss", "val_bpb", "grad_norm",
                "tokens_per_s", "eval_elapsed_s", "save_elapsed_s"]
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+# Dense bf16 peaks from the spec sheets, matched by the first key found in torch's device name (so the
+# PCIe and NVL cards of the H100 come before the SXM figure that "H100" alone gets).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                   "L4": 121e12, "A10": 125e12, "4090": 165e12}
 STOP_SIGNALS = {signal.SIGINT: "Ctrl+C (SIGINT)", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
@@ -704,8 +707,11 @@ def peak_flops(device: torch.device) -> float | None:
     """The GPU's dense bf16 peak FLOP/s from its spec sheet (PEAK_BF16_FLOPS), None when unknown or not a GPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)
 
 
 # --- signals ---
