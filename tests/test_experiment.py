@@ -399,6 +399,48 @@ def test_experiment_files_are_checked_key_by_key(workspace, tmp_path):
     assert shipped and all(Experiment.from_file(f).variants for f in shipped)  # the examples plan without error
 
 
+def test_a_grid_grows_past_an_edge_whose_rate_was_best(workspace):
+    """Best at the top rate: the next rate up (the grid's spacing) joins, at most grid_extend times; the
+    same downwards; a best rate inside the grid stops the growth. Results are written by hand here."""
+    train = {k: v for k, v in plan(workspace)["train"].items() if k not in ("lr", "min_lr")}
+    experiment = Experiment.from_dict(plan(workspace, train=train, lr_grid=[1e-3, 2e-3], grid_extend=2,
+                                           variants={"baseline": {}, "low": {"weight_decay": 0.0}}))
+
+    def finish(variant, lr, bpb, seed=0):
+        folder = experiment.run("", variant, seed, lr).folder
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "result.json").write_text(json.dumps({"status": "finished", "val_bpb": bpb}))
+
+    names = lambda: sorted(run.name for run in experiment.runs())  # noqa: E731
+    assert names() == ["study/baseline/lr0.001/seed0", "study/baseline/lr0.002/seed0",
+                       "study/low/lr0.001/seed0", "study/low/lr0.002/seed0"]
+    finish("baseline", 1e-3, 2.0)
+    finish("baseline", 2e-3, 1.9)  # best at the top: 4e-3 joins, no seed 1 yet
+    assert experiment.grid("", "baseline") == [1e-3, 2e-3, 4e-3] and experiment.best_lr("", "baseline") is None
+    assert "study/baseline/lr0.004/seed0" in names() and not any("baseline" in n and "seed1" in n for n in names())
+    finish("baseline", 4e-3, 1.8)
+    finish("baseline", 8e-3, 1.7)  # still the top, but two rates up is the limit
+    assert experiment.grid("", "baseline") == [1e-3, 2e-3, 4e-3, 8e-3] and experiment.best_lr("", "baseline") == 8e-3
+    assert "study/baseline/lr0.008/seed1" in names()
+    finish("low", 1e-3, 1.5)
+    finish("low", 2e-3, 1.6)  # best at the bottom: 5e-4 joins, and is worse: the growth stops
+    finish("low", 5e-4, 1.55)
+    assert experiment.grid("", "low") == [5e-4, 1e-3, 2e-3] and experiment.best_lr("", "low") == 1e-3
+    assert experiment.all_rates == [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]
+    study = report.Study(experiment)
+    assert [v.lr_at_edge for v in study.variants[""]] == [True, False]  # the baseline's grid could grow no more
+    rows = report.learning_rate_table(study).splitlines()
+    assert rows[0] == "| variant | 0.0005 | 0.001 | 0.002 | 0.004 | 0.008 | best |"
+    assert rows[2] == "| `baseline` |  | 2.0000 | 1.9000 | 1.8000 | 1.7000 | 0.008 (edge) |"
+    assert rows[3] == "| `low` | 1.5500 | 1.5000 | 1.6000 |  |  | 0.001 |"
+    assert "grown: `baseline` (0.004, 0.008), `low` (0.0005)" in report.grown(experiment)
+    for bad, message in ((-1, "grid_extend=-1 is not valid"), (True, "grid_extend=True is not valid")):
+        with pytest.raises(ExperimentError, match=message):
+            Experiment.from_dict(plan(workspace, train=train, lr_grid=[1e-3, 2e-3], grid_extend=bad))
+    with pytest.raises(ExperimentError, match="give lr_grid at least two rates"):
+        Experiment.from_dict(plan(workspace, train=train, lr_grid=[1e-3], grid_extend=1))
+
+
 def test_ctrl_c_stops_the_experiment_and_a_rerun_resumes_it_exactly(workspace, monkeypatch):
     straight = Experiment.from_dict(plan(workspace, name="straight", seeds=[0]))
     run_experiment(straight, progress_bar=False, echo=lambda line: None)

@@ -66,7 +66,8 @@ PLAN = "experiment.json"  # the resolved plan, saved beside the runs: `experimen
 BUDGETS = {"steps": "equal optimizer steps", "tokens": "equal training tokens",
            "flops": "equal training FLOPs (a variant that costs more per token gets fewer tokens)",
            "minutes": "equal wall-clock minutes of training"}
-KEYS = ("name", "base", "seeds", "budget", "eval_data", "train", "model", "variants", "lr_grid", "grid_seeds", "sizes",
+KEYS = ("name", "base", "seeds", "budget", "eval_data", "train", "model", "variants", "lr_grid", "grid_seeds",
+        "grid_extend", "sizes",
         "threads", "slurm")
 GRID_SEEDS = ("first", "all")  # which seeds train at every rate of lr_grid
 # How a run executes, not what it computes: these may change between invocations of one experiment.
@@ -258,6 +259,7 @@ class Experiment:
     model: dict = field(default_factory=dict)  # shared ModelConfig fields
     lr_grid: list[float] | None = None
     grid_seeds: str = "first"  # first: seed 0 on the grid, the others at its best rate; all: every seed at every rate
+    grid_extend: int = 0  # rates a variant's grid may grow by, per side, while its best rate is at an edge
     sizes: list[dict] | None = None  # model (and train, and budget) overrides per size
     threads: int | None = None  # CPU threads per run (runs of one study should share it)
     slurm: dict = field(default_factory=dict)  # submitit parameters (timeout_min, slurm_partition, gpus_per_node, ...)
@@ -286,7 +288,8 @@ class Experiment:
                          variants={k: dict(v) for k, v in values["variants"].items()}, seeds=seeds,
                          eval_data=values.get("eval_data", EVAL_DATA_DEFAULT), train=dict(values.get("train", {})),
                          model=dict(values.get("model", {})), lr_grid=values.get("lr_grid"),
-                         grid_seeds=values.get("grid_seeds", "first"), sizes=sizes,
+                         grid_seeds=values.get("grid_seeds", "first"), grid_extend=values.get("grid_extend", 0),
+                         sizes=sizes,
                          threads=values.get("threads"), slurm=dict(values.get("slurm", {})))
         experiment.check()
         return experiment
@@ -302,6 +305,8 @@ class Experiment:
                                           ("slurm", self.slurm)) if v})
         if self.grid_seeds != "first":
             values["grid_seeds"] = self.grid_seeds
+        if self.grid_extend:
+            values["grid_extend"] = self.grid_extend
         return values
 
     def check(self):
@@ -329,6 +334,10 @@ class Experiment:
                                   f"choose one of: {', '.join(GRID_SEEDS)}")
         if self.grid_seeds != "first" and not self.lr_grid:
             raise ExperimentError("grid_seeds is about lr_grid: give lr_grid too, or drop grid_seeds")
+        if not (isinstance(self.grid_extend, int) and not isinstance(self.grid_extend, bool) and self.grid_extend >= 0):
+            raise ExperimentError(f"grid_extend={self.grid_extend!r} is not valid: a count of rates, 0 or more")
+        if self.grid_extend and len(self.lr_grid or []) < 2:
+            raise ExperimentError("grid_extend grows lr_grid by its own spacing: give lr_grid at least two rates")
         if self.threads is not None and not (isinstance(self.threads, int) and self.threads > 0):
             raise ExperimentError(f"threads={self.threads!r} is not valid: a positive integer")
         for table, fields in (("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
@@ -422,25 +431,57 @@ class Experiment:
         return Run(train_cfg.name, size, variant, seed, lr, model_cfg, train_cfg, params, params_without_embeddings,
                    flops_per_token)
 
+    def grid(self, size: str, variant: str) -> list[float]:
+        """The variant's rates: lr_grid, grown by the grid's own spacing beyond an edge whose rate was best
+        (once every run of the grid so far has ended), at most grid_extend rates per side."""
+        rates, grown = list(self.lr_grid), {"up": 0, "down": 0}
+        while True:
+            scores = self.grid_scores(size, variant, rates)
+            if scores is None or not math.isfinite(min(scores)):
+                return rates
+            best = scores.index(min(scores))
+            if best == len(rates) - 1 and grown["up"] < self.grid_extend:
+                rates.append(rates[-1] * self.lr_grid[-1] / self.lr_grid[-2])
+                grown["up"] += 1
+            elif best == 0 and len(rates) > 1 and grown["down"] < self.grid_extend:
+                rates.insert(0, rates[0] * self.lr_grid[0] / self.lr_grid[1])
+                grown["down"] += 1
+            else:
+                return rates
+
+    def grid_scores(self, size: str, variant: str, rates: list[float]) -> list[float] | None:
+        """Validation bits per byte at each rate, on the first seed or (grid_seeds "all") averaged over
+        the seeds; a diverged run counts as the worst (inf). None until every one of these runs has ended."""
+        results = [[self.run(size, variant, seed, lr).result() for lr in rates] for seed in self.grid_seed_list]
+        if any(r is None for per_seed in results for r in per_seed):
+            return None
+        return [sum(per_seed[i]["val_bpb"] if per_seed[i]["status"] == "finished" else math.inf
+                    for per_seed in results) / len(results) for i in range(len(rates))]
+
     def grid_runs(self, size: str, variant: str, seed: int | None = None) -> list[Run]:
-        """The runs at every rate of the grid of one seed (the first by default)."""
-        return [self.run(size, variant, self.seeds[0] if seed is None else seed, lr) for lr in self.lr_grid]
+        """The runs at every rate of the variant's grid of one seed (the first by default)."""
+        return [self.run(size, variant, self.seeds[0] if seed is None else seed, lr)
+                for lr in self.grid(size, variant)]
 
     @property
     def grid_seed_list(self) -> list[int]:
         return self.seeds if self.grid_seeds == "all" else self.seeds[:1]
 
+    @property
+    def all_rates(self) -> list[float]:
+        """Every rate some variant's grid holds, low to high."""
+        if not self.lr_grid:
+            return []
+        return sorted({lr for size in self.size_labels for name in self.variants for lr in self.grid(size, name)})
+
     def best_lr(self, size: str, variant: str) -> float | None:
-        """The grid's rate with the lowest final validation bits per byte, on the first seed or (grid_seeds
-        "all") averaged over the seeds; a diverged run counts as the worst. None until every grid run has
-        ended, or when all diverged."""
-        results = [[run.result() for run in self.grid_runs(size, variant, seed)] for seed in self.grid_seed_list]
-        if any(r is None for per_seed in results for r in per_seed):
+        """The grid's rate with the lowest final validation bits per byte (see grid_scores). None until
+        every grid run has ended (a grown grid included), or when all diverged."""
+        rates = self.grid(size, variant)
+        scores = self.grid_scores(size, variant, rates)
+        if scores is None or not math.isfinite(min(scores)):
             return None
-        scores = [sum(per_seed[i]["val_bpb"] if per_seed[i]["status"] == "finished" else math.inf
-                      for per_seed in results) / len(results) for i in range(len(self.lr_grid))]
-        best = min(range(len(scores)), key=scores.__getitem__)
-        return self.lr_grid[best] if math.isfinite(scores[best]) else None
+        return rates[scores.index(min(scores))]
 
     def verdict_runs(self, size: str, variant: str) -> list[Run]:
         """The runs the verdict compares: every seed, at the grid's best rate when there is a grid

@@ -57,8 +57,8 @@ class Study:
         runs = self.experiment.verdict_runs(size, name)
         results = {run.seed: self.results.get(run.name) or run.result() for run in runs}
         lr = runs[0].lr if runs else None
-        grid = self.experiment.lr_grid
-        edge = bool(grid) and len(grid) > 1 and lr in (grid[0], grid[-1])
+        grid = self.experiment.grid(size, name) if self.experiment.lr_grid else []
+        edge = len(grid) > 1 and lr in (grid[0], grid[-1])
         on_grid = bool(grid) and not runs and not self.grid_pending(size, name)
         return Variant(size, name, runs, {s: r for s, r in results.items() if r is not None}, lr, edge, on_grid)
 
@@ -382,7 +382,7 @@ def plot_learning_rates(study: Study, path: Path) -> Path:
             top = max((b for _, b in done), default=1.0)
             ax.plot(diverged, [top] * len(diverged), "x", color=f"C{k}", markersize=10)
         ax.set_xscale("log")
-        grid_ticks(ax, study.experiment.lr_grid)
+        grid_ticks(ax, study.experiment.all_rates)
         ax.set(xlabel="peak learning rate", ylabel="validation bits per byte (first seed)",
                title=f"{size + ': ' if size else ''}learning rate (x: diverged)")
         ax.grid(alpha=0.3)
@@ -548,7 +548,8 @@ def report_text(study: Study, tables: dict[str, pd.DataFrame], files: list[str])
              f"({', '.join(map(str, experiment.seeds))}; a seed fixes the initial weights and the data order, the same "
              f"for every variant). Budget: {experiment.budget.describe()}."
              + (f" Learning rate chosen per variant from {', '.join(f'{r:g}' for r in experiment.lr_grid)} "
-                f"by {chooser(experiment)} validation bits per byte." if experiment.lr_grid else ""),
+                f"by {chooser(experiment)} validation bits per byte" + grown(experiment) + "."
+                if experiment.lr_grid else ""),
              "",
              f"Held-out text: `{experiment.eval_data}`" + (f" ({eval_bytes:,} UTF-8 bytes)" if eval_bytes else "")
              + ", scored in bits per byte with each run's own tokenizer, every token once.",
@@ -611,7 +612,7 @@ def lr_transfer(study: Study) -> dict[str, dict]:
     """Per variant: the mean held-out bits per byte at each (size, rate) over the grid's seeds, the best
     rate per size, how many grid steps the best rates span, and each (rate, narrower, wider) where the
     wider model did worse."""
-    table, grid, out = grid_scores(study), study.experiment.lr_grid, {}
+    table, grid, out = grid_scores(study), study.experiment.all_rates, {}
     for name in study.experiment.variants:
         rows = table[table["variant"] == name]
         if rows.empty:
@@ -654,7 +655,7 @@ def plot_lr_transfer(study: Study, path: Path) -> Path:
             ax.plot(mean.index[~ok], [high] * int((~ok).sum()), "x", markersize=9,
                     color=plt.cm.viridis(k / max(1, len(sizes) - 1)))
         ax.set_xscale("log")
-        grid_ticks(ax, study.experiment.lr_grid)
+        grid_ticks(ax, study.experiment.all_rates)
         ax.set_ylim(low - 0.02 * (high - low + 1e-9), min(high, low + 3 * (finite.median() - low + 1e-9)) + 0.02)
         ax.set(xlabel="peak learning rate", ylabel="held-out bits per byte",
                title=f"{name}: learning rate at each size (x: diverged)")
@@ -664,7 +665,7 @@ def plot_lr_transfer(study: Study, path: Path) -> Path:
 
 
 def lr_transfer_section(study: Study) -> list[str]:
-    found, grid = lr_transfer(study), study.experiment.lr_grid
+    found, grid = lr_transfer(study), study.experiment.all_rates
     sizes = list(dict.fromkeys(size for info in found.values() for size in info["sizes"]))
     rows = []
     for name, info in found.items():
@@ -826,20 +827,31 @@ def chooser(experiment: Experiment) -> str:
     return "the first seed's" if experiment.grid_seeds == "first" else "the seeds' mean"
 
 
+def grown(experiment: Experiment) -> str:
+    """How the grids may grow, and which did."""
+    if not experiment.grid_extend:
+        return ""
+    extended = [f"`{name}`{' at ' + size if size else ''} ({', '.join(f'{r:g}' for r in extra)})"
+                for size in experiment.size_labels for name in experiment.variants
+                for extra in [[r for r in experiment.grid(size, name) if r not in experiment.lr_grid]] if extra]
+    return (f", a grid growing by up to {experiment.grid_extend} rate{'s' if experiment.grid_extend > 1 else ''} "
+            f"beyond an edge whose rate was best ({'grown: ' + ', '.join(extended) if extended else 'none grew'})")
+
+
 def learning_rate_table(study: Study) -> str:
     experiment = study.experiment
-    rows = []
+    rates, rows = experiment.all_rates, []
     for size, variants in study.variants.items():
         for v in variants:
-            cells = []
-            for i in range(len(experiment.lr_grid)):
-                results = [experiment.grid_runs(size, v.name, seed)[i].result() for seed in experiment.grid_seed_list]
-                cells.append("n/a" if any(r is None for r in results)
+            grid, cells = experiment.grid(size, v.name), []
+            for lr in rates:
+                results = [experiment.run(size, v.name, seed, lr).result() for seed in experiment.grid_seed_list]
+                cells.append("" if lr not in grid else "n/a" if any(r is None for r in results)
                              else "diverged" if any(r["status"] == "diverged" for r in results)
                              else number(sum(r["val_bpb"] for r in results) / len(results)))
             best = f"{v.lr:g}" + (" (edge)" if v.lr_at_edge else "") if v.lr is not None else "n/a"
             rows.append([f"{size + ' ' if size else ''}`{v.name}`", *cells, best])
-    header = ["variant", *(f"{r:g}" for r in experiment.lr_grid), "best"]
+    header = ["variant", *(f"{r:g}" for r in rates), "best"]
     return "\n".join(markdown(header, rows))
 
 
@@ -882,6 +894,9 @@ def plan_table(experiment: Experiment) -> str:
         if waiting and len(experiment.seeds) > 1:
             lines.append(f"then seeds {', '.join(map(str, experiment.seeds[1:]))} of {', '.join(waiting)} at the rate "
                          f"of the grid with the best validation (chosen when its grid has ended)")
+    if experiment.grid_extend:
+        lines.append(f"a grid whose best rate is at an edge grows by up to {experiment.grid_extend} rate(s) per side "
+                     f"(listed here once its runs so far have ended)")
     return "\n".join(lines)
 
 
