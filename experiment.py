@@ -31,7 +31,7 @@ import sys
 import pandas as pd
 
 from config import PRESETS, ConfigError
-from toolkit.cli import parse_value, route_overrides, split_arguments
+from toolkit.cli import parse_value, protect_output, route_overrides, split_arguments
 from toolkit.data import DataError
 from toolkit.experiment import (
     MODEL_FIELDS,
@@ -146,6 +146,7 @@ def coord_check_main(argv: list[str]):
 
 
 def main(argv=None):
+    protect_output()  # a closed pipe (| head) or terminal must never stop a study or its report
     argv = sys.argv[1:] if argv is None else argv
     if "--coord_check" in argv:
         try:

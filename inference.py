@@ -19,7 +19,7 @@ import torch
 
 import tools
 from config import ConfigError, closest
-from toolkit.cli import parse_value
+from toolkit.cli import parse_value, protect_output
 from toolkit.generate import GenerationError, GenerationSettings, TextStream, generate
 from toolkit.tokenizer import TokenizerError
 
@@ -187,6 +187,7 @@ class Session:
 
 
 def main(argv=None):
+    protect_output()  # `| head` closing the pipe ends the output, never with a traceback
     args, settings = parse_args(argv)
     try:
         model, tokenizer = tools.load_model(args.model, args.device)

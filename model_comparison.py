@@ -26,6 +26,7 @@ import torch
 import tools
 from toolkit import checkpoint
 from toolkit.checkpoint import TRAIN_CONFIG, read_json
+from toolkit.cli import protect_output
 from toolkit.data import read_documents
 from toolkit.generate import GenerationSettings, generate
 from toolkit.metrics import score, text_batches, token_byte_lengths
@@ -313,6 +314,7 @@ def write_report(table: pd.DataFrame, generations: dict, out: Path, source: str,
 
 
 def main(argv=None):
+    protect_output()  # `| head` closing the pipe ends the output, never with a traceback
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="trained/ names or folders, or Hugging Face GPT-2/Llama ids")
     parser.add_argument("--data", default="tinystories-heldout",

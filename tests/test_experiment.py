@@ -387,6 +387,18 @@ def test_bad_experiments_fail_with_one_line(workspace, args, message):
     assert "\n" not in str(exit_info.value)
 
 
+@pytest.mark.parametrize("command", [["experiment.py", "experiments/quick.toml", "--dry_run"],
+                                     ["inference.py", "Llama3_1m_atto", "Once upon a time", "--max_len=20"]])
+def test_a_closed_pipe_ends_a_script_quietly(tmp_path, command):
+    """`python SCRIPT ... | head -1`: the reader has gone before anything is printed."""
+    env = {**subprocess_env(tmp_path), "TRAINED_DIR": str(ROOT / "trained")}
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0 and "Traceback" not in stderr and "Error" not in stderr
+
+
 def test_experiment_files_are_checked_key_by_key(workspace, tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('name = "x"\nbase = "llama3-1m"\nbudget = { steps = 3 }\nseed = [0]\n[variants]\nbaseline = {}\n')
