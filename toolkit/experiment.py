@@ -67,8 +67,7 @@ BUDGETS = {"steps": "equal optimizer steps", "tokens": "equal training tokens",
            "flops": "equal training FLOPs (a variant that costs more per token gets fewer tokens)",
            "minutes": "equal wall-clock minutes of training"}
 KEYS = ("name", "base", "seeds", "budget", "eval_data", "train", "model", "variants", "lr_grid", "grid_seeds",
-        "grid_extend", "sizes",
-        "threads", "slurm")
+        "grid_extend", "sizes", "threads", "slurm")
 GRID_SEEDS = ("first", "all")  # which seeds train at every rate of lr_grid
 # How a run executes, not what it computes: these may change between invocations of one experiment.
 # data: the trainer checks its sha256
@@ -289,8 +288,7 @@ class Experiment:
                          eval_data=values.get("eval_data", EVAL_DATA_DEFAULT), train=dict(values.get("train", {})),
                          model=dict(values.get("model", {})), lr_grid=values.get("lr_grid"),
                          grid_seeds=values.get("grid_seeds", "first"), grid_extend=values.get("grid_extend", 0),
-                         sizes=sizes,
-                         threads=values.get("threads"), slurm=dict(values.get("slurm", {})))
+                         sizes=sizes, threads=values.get("threads"), slurm=dict(values.get("slurm", {})))
         experiment.check()
         return experiment
 
