@@ -739,7 +739,7 @@ def run_in_subprocesses(specs: list[dict], parallel: int, log_folder: Path, echo
             first = not stopping.is_set()
             stopping.set()
         if first:
-            raise Interrupted("stopped: run the same command again to resume")
+            raise Interrupted("run the same command again to resume")
 
     failures, handlers = [], {}
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
@@ -756,7 +756,7 @@ def run_in_subprocesses(specs: list[dict], parallel: int, log_folder: Path, echo
                         failures.append(f"{spec['name']} (exit {code}; see {log})")
             except (Interrupted, KeyboardInterrupt):  # the runs got the signal: wait while they save and stop
                 pool.shutdown(wait=True, cancel_futures=True)
-                raise Interrupted("stopped: run the same command again to resume") from None
+                raise Interrupted("run the same command again to resume") from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
