@@ -23,9 +23,9 @@ from conftest import ROOT
 from modules.context import Context
 from toolkit import checkpoint, data, report, stability, stats, trainer
 from toolkit.experiment import (
+    PLAN,
     Experiment,
     ExperimentError,
-    PLAN,
     Interrupted,
     check_settings,
     execute_run,
