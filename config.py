@@ -324,7 +324,7 @@ class TrainConfig(Settings):
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1600  # optimizer steps of the whole run (1600 x 16 x 256 = 6.55M tokens by default)
     lr: float = 2e-3  # peak learning rate, reached at the end of warmup
-    min_lr: float = 2e-4  # the rate cosine and wsd decay to
+    min_lr: float | None = None  # the rate cosine and wsd decay to (None: lr / 10)
     schedule: str = "cosine"  # a key of toolkit.schedule.SCHEDULES: cosine | wsd | constant, after linear warmup
     warmup_steps: int = 100  # steps of linear warmup from 0 to lr
     decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays to min_lr
@@ -362,6 +362,8 @@ class TrainConfig(Settings):
         require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction,
                 "must be in (0, 1): validation needs data")
         require(self.lr > 0, "lr", self.lr, "must be positive")
+        if self.min_lr is None:  # derived, so that --lr alone moves the whole schedule
+            self.min_lr = self.lr / 10
         require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
         require(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "must be in (0, 1]")
         if self.schedule == "wsd":  # warmup running into the decay would make the rate jump down when it ends

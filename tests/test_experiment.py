@@ -413,10 +413,11 @@ def test_experiment_files_are_checked_key_by_key(workspace, tmp_path):
     assert shipped and all(Experiment.from_file(f).variants for f in shipped)  # the examples plan without error
 
 
-def test_the_shipped_studies_plan_what_their_runs_were_trained_with():
+def test_the_shipped_studies_plan_what_their_runs_were_trained_with(monkeypatch):
     """A default changed in config.py must not change a shipped study: rerunning any experiment file whose
     study is under trained/ plans each finished run with the settings it was trained with (a changed
     default is pinned in the file), so its command reproduces it and resumes instead of refusing."""
+    monkeypatch.setattr(checkpoint, "TRAINED", ROOT / "trained")  # wherever other tests pointed it
     checked = 0
     for path in sorted((ROOT / "experiments").glob("*.toml")):
         experiment = Experiment.from_file(path)

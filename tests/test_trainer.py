@@ -445,7 +445,8 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(workspace, monkeypat
 def test_weight_decay_only_on_matrices():
     for preset in ("gpt2-1m", "llama3-1m"):
         model = Model(ModelConfig.preset(preset, dim=32, n_layers=2, vocab_size=50, context_length=8))
-        decayed, plain = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu")).param_groups
+        decayed, plain = make_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.1),
+                                        torch.device("cpu")).param_groups
         names = {id(p): n for n, p in model.named_parameters()}
         decayed_names = sorted(names[id(p)] for p in decayed["params"])
         assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
