@@ -338,13 +338,14 @@ def bench_loop(args):
     parser.add_argument("--context_length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--optimizer", default="adamw", help="adamw | muon (both sides use it)")
     a = parser.parse_args(args)
     if a.steps < 4:
         parser.error("--steps must be at least 4 (the first quarter is the warm-up)")
     model_cfg = ModelConfig.preset("llama3-1m", context_length=a.context_length)
     log_every = a.steps // 4
     train_cfg = TrainConfig(name="bench", data="tinystories-sample", tokenizer="tinystories-sample-2048", device="cpu",
-                            batch_size=a.batch_size, max_steps=a.steps, log_every=log_every,
+                            optimizer=a.optimizer, batch_size=a.batch_size, max_steps=a.steps, log_every=log_every,
                             eval_every=10 ** 9, eval_batches=1, save_every=10 ** 9)
 
     def bare_tokens_per_s():
@@ -830,8 +831,8 @@ class GpuBench:
 
     def doc_masked_loop(self):
         """The loop with doc_masking (FlexAttention on a GPU) against the same loop unmasked."""
-        unmasked = self.kept.get("loop adamw") or self.real_loop()
-        masked = self.real_loop(doc_masking=True)
+        unmasked = self.kept.get("loop adamw") or self.real_loop(optimizer="adamw")
+        masked = self.real_loop(optimizer="adamw", doc_masking=True)
         ratio = masked / unmasked
         kernel = "FlexAttention" if self.device.type == "cuda" else "a dense mask (FlexAttention is for CUDA)"
         return [row("doc-masked loop vs unmasked", f"{masked:,.0f} tok/s", f"unmasked {unmasked:,.0f} tok/s",

@@ -133,7 +133,9 @@ def check_variant(cfg, field: str):
 @dataclass
 class ModelConfig(Settings):
     """The architecture. Fields left None are derived at construction (n_kv_heads = n_heads,
-    head_dim = dim / n_heads, mlp_hidden from mlp_multiplier and mlp_multiple_of)."""
+    head_dim = dim / n_heads, mlp_hidden from mlp_multiplier and mlp_multiple_of). The defaults are the
+    default model: Llama-style with ALiBi and residual dropout 0.1, the combination the zoo's recipe study
+    chose for many epochs of a small text (trained/README.md); the presets set their families' own."""
     vocab_size: int = 2048  # token ids the model knows (train.py sets it to the tokenizer's size unless given)
     context_length: int = 256  # the most tokens the model sees at once
     dim: int = 128  # width of the residual stream
@@ -142,7 +144,7 @@ class ModelConfig(Settings):
     n_kv_heads: int | None = 2  # None or n_heads: MHA; 1: MQA; in between: GQA
     head_dim: int | None = None  # None: dim / n_heads
     attention: str = "causal"  # a key of modules.attention.ATTENTIONS
-    positions: str = "rope"  # a key of modules.positions.POSITIONS: rope | learned | none | alibi
+    positions: str = "alibi"  # a key of modules.positions.POSITIONS: rope | learned | none | alibi
     rope_theta: float = 10000.0  # RoPE base: larger rotates slower, for longer contexts
     rope_scaling: dict | None = None  # Llama 3.1 style: factor, low/high_freq_factor, original_max_position_embeddings
     qk_norm: bool = False  # normalise queries and keys per head before attention
@@ -163,7 +165,7 @@ class ModelConfig(Settings):
     tie_embeddings: bool = False  # the output head shares the token embedding matrix
     embed_dropout: float = 0.0  # dropout after the token (and position) embeddings
     attn_dropout: float = 0.0  # dropout on the attention probabilities
-    resid_dropout: float = 0.0  # dropout on each block's output before it joins the residual stream
+    resid_dropout: float = 0.1  # dropout on each block's output before it joins the residual stream
     init_std: float = 0.02  # standard deviation of the initial weights
     zero_head: bool = False  # start the output head at zero (muP's advice: the first logits are 0 at any width)
     parametrization: str = "sp"  # sp | mup (modules/parametrization.py: rates that carry across widths)
@@ -281,16 +283,17 @@ class ModelConfig(Settings):
 
 # Presets as data: the two families, then sizes. GPT-2: learned positions, LayerNorm with bias,
 # GELU 4x MLP, multi-head attention, biases, tied head. Llama 3: RoPE, RMSNorm, SwiGLU, grouped-query
-# attention, no biases, untied head.
+# attention, no biases, untied head. Neither has the default model's dropout.
 GPT2 = dict(positions="learned", norm="layernorm", norm_bias=True, mlp="plain", activation="gelu",
-            mlp_multiplier=4.0, n_kv_heads=None, bias=True, tie_embeddings=True)
+            mlp_multiplier=4.0, n_kv_heads=None, bias=True, tie_embeddings=True, resid_dropout=0.0)
 LLAMA3 = dict(positions="rope", rope_theta=500000.0, norm="rmsnorm", norm_bias=False, mlp="gated",
-              activation="silu", mlp_multiplier=8 / 3, bias=False, tie_embeddings=False)
+              activation="silu", mlp_multiplier=8 / 3, bias=False, tie_embeddings=False, resid_dropout=0.0)
 # Gemma 2's layout: sandwich norms, GeGLU 4x MLP, tied head, and sliding-window (local) layers alternating
 # with global ones, local first, the window half the context. Not Gemma's logit soft-capping or its
 # embedding scaling, which this workbench does not have.
 GEMMA2 = dict(positions="rope", rope_theta=10000.0, norm="rmsnorm", norm_bias=False, norm_placement="sandwich",
-              mlp="gated", activation="gelu_tanh", mlp_multiplier=4.0, bias=False, tie_embeddings=True)
+              mlp="gated", activation="gelu_tanh", mlp_multiplier=4.0, bias=False, tie_embeddings=True,
+              resid_dropout=0.0)
 PRESETS = {
     "gpt2": {**GPT2, "vocab_size": 50257, "context_length": 1024, "dim": 768, "n_layers": 12, "n_heads": 12},
     "gpt2-medium": {**GPT2, "vocab_size": 50257, "context_length": 1024, "dim": 1024, "n_layers": 24, "n_heads": 16},
@@ -310,7 +313,8 @@ PRESETS = {
 @dataclass
 class TrainConfig(Settings):
     """How to train: data, tokenizer, optimisation, evaluation and logging. `python train.py` uses
-    these defaults; override any of them with --field=value."""
+    these defaults, with any preset; override any of them with --field=value. The optimisation defaults
+    (Muon at 8e-3, cosine to lr / 10, 1,600 steps of 16 x 256) are the recipe the zoo's study chose."""
     name: str = "Llama3_1m"  # run folder trained/NAME (may nest: study/variant/seed0); default with --preset: its name
     data: str = "tinystories-sample"  # shipped tinystories-sample|shakespeare; hub tinystories|fineweb-edu|hf:ID; globs
     text_format: str = "auto"  # .txt layout: auto | documents (<|endoftext|> lines) | lines | whole
@@ -323,12 +327,12 @@ class TrainConfig(Settings):
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1600  # optimizer steps of the whole run (1600 x 16 x 256 = 6.55M tokens by default)
-    lr: float = 2e-3  # peak learning rate, reached at the end of warmup
-    min_lr: float = 2e-4  # the rate cosine and wsd decay to
+    lr: float = 8e-3  # peak learning rate, reached at the end of warmup
+    min_lr: float | None = None  # the rate cosine and wsd decay to (None: lr / 10)
     schedule: str = "cosine"  # a key of toolkit.schedule.SCHEDULES: cosine | wsd | constant, after linear warmup
     warmup_steps: int = 100  # steps of linear warmup from 0 to lr
     decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays to min_lr
-    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest): toolkit/optim.py
+    optimizer: str = "muon"  # adamw | muon (Muon for hidden matrices, AdamW for the rest): toolkit/optim.py
     weight_decay: float = 0.1  # on matrices only: never on norms, biases or embeddings
     muon_lr: float | None = None  # muon: the hidden matrices' peak rate (None: lr); the schedule scales it too
     muon_momentum: float = 0.95  # muon: momentum of the hidden matrices' updates
@@ -362,6 +366,8 @@ class TrainConfig(Settings):
         require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction,
                 "must be in (0, 1): validation needs data")
         require(self.lr > 0, "lr", self.lr, "must be positive")
+        if self.min_lr is None:  # derived, so that --lr alone moves the whole schedule
+            self.min_lr = self.lr / 10
         require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
         require(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "must be in (0, 1]")
         if self.schedule == "wsd":  # warmup running into the decay would make the rate jump down when it ends

@@ -145,9 +145,13 @@ class CausalSelfAttention(LoggingModule):
         the mask allows, flat: for shape logs with statistics (their max is the largest attention logit,
         which grows when training goes unstable), computed only there."""
         mask = ctx.dense_mask(self.mask_spec, q.dtype)
-        logits = attention_scores(q, k, mask, self.scale)
         allowed = mask if mask.dtype == torch.bool else mask > -math.inf
-        return logits[allowed.expand_as(logits)]
+        flat = []
+        for q_piece, k_piece in zip(q.unflatten(1, (-1, self.qk_split)).unbind(2),
+                                    k.unflatten(1, (-1, self.qk_split)).unbind(2)):  # as mix: a score bias per head
+            logits = attention_scores(q_piece, k_piece, mask, self.scale)
+            flat.append(logits[allowed.expand_as(logits)])
+        return torch.cat(flat)
 
     def attention_maps(self, x, ctx: Context | None = None):
         """(forward's output, [the softmax weights (B, heads, T, S) of each kernel call]), computed by the

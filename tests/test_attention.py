@@ -238,9 +238,10 @@ def test_alibi_flex_score_mod_equals_dense_bias():
                               atol=1e-5)
 
 
-def reference_differential(attn, x, window=None):
-    """Differential attention written out head by head: two softmax maps over the query/key halves, their
-    difference (scaled by lambda) mixing the values, RMS-normed per head and scaled by 1 - lambda_init."""
+def reference_differential(attn, x, window=None, slopes=None):
+    """Differential attention written out head by head: two softmax maps over the query/key halves (with ALiBi,
+    each adds its head's -slope * distance), their difference (scaled by lambda) mixing the values, RMS-normed
+    per head and scaled by 1 - lambda_init."""
     B, T, _ = x.shape
     H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q, k, v = (x @ attn.qkv.weight.T).split(attn.split, -1)
@@ -251,7 +252,8 @@ def reference_differential(attn, x, window=None):
     heads = []
     for h in range(H):
         g = h // (H // KV)
-        maps = [torch.softmax((q[:, :, h, half] @ k[:, :, g, half].transpose(1, 2) / math.sqrt(D / 2))
+        bias = 0 if slopes is None else -slopes[h] * (i - j)
+        maps = [torch.softmax((q[:, :, h, half] @ k[:, :, g, half].transpose(1, 2) / math.sqrt(D / 2) + bias)
                               .masked_fill(~allowed, -math.inf), -1) for half in (slice(0, D // 2), slice(D // 2, D))]
         mixed = (maps[0] - lam * maps[1]) @ v[:, :, g]
         normed = mixed / torch.sqrt(mixed.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.head_norm.weight
@@ -271,6 +273,24 @@ def test_differential_attention_matches_formula(n_kv_heads, window):
     weights = attn.attention_probabilities(x)
     assert torch.allclose(weights.sum(-1), (1 - attn.lambda_()).expand(2, 4, 10), atol=1e-5)
     assert (weights.masked_select(~causal_mask(10, window=window)) == 0).all()
+
+
+def test_differential_attention_with_alibi_biases_both_maps_of_a_head():
+    """Both softmax maps of a head get its ALiBi bias, in forward and in the scores that shape logs with
+    statistics record (each half's scaled q k^T plus the bias, at the allowed pairs)."""
+    attn = ATTENTIONS["differential"](config(attention="differential", positions="alibi", n_kv_heads=2), 1)
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        assert torch.allclose(attn(x), reference_differential(attn, x, slopes=alibi_slopes(4)), atol=1e-5)
+        q, k, _ = attn.project(x, Context.of(x))
+        scores = attn.scores(q, k, Context.of(x))
+    i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+    bias = -alibi_slopes(4)[:, None, None] * (i - j)
+    # q and k are (B, heads x 2 halves, T, 4), head-major; two query heads share each key head
+    halves = [q[:, half::2] @ k[:, half::2].repeat_interleave(2, dim=1).transpose(-1, -2) / math.sqrt(4) + bias
+              for half in (0, 1)]
+    allowed = (j <= i).expand(2, 4, 10, 10)
+    assert torch.allclose(scores, torch.cat([h[allowed] for h in halves]), atol=1e-5)
 
 
 def test_differential_attention_settings():

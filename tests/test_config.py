@@ -1,7 +1,7 @@
 """Config validation (one line naming the field and what is allowed), presets, JSON round trips."""
 import pytest
 
-from config import FORMAT_VERSION, PRESETS, REGISTRIES, ConfigError, ModelConfig, layer_selection
+from config import FORMAT_VERSION, PRESETS, REGISTRIES, ConfigError, ModelConfig, TrainConfig, layer_selection
 from toolkit.cli import route_overrides
 
 
@@ -52,6 +52,9 @@ def test_derived_fields():
     assert (cfg.head_dim, cfg.n_kv_heads) == (16, 6)
     theta = ModelConfig(rope_theta=10000).rope_theta
     assert theta == 10000.0 and isinstance(theta, float)
+    # the schedule's floor follows the peak unless given, and is saved as the number it became
+    assert TrainConfig(lr=3e-4).min_lr == pytest.approx(3e-5) and TrainConfig(lr=3e-4, min_lr=0.0).min_lr == 0.0
+    assert TrainConfig.from_dict(TrainConfig(lr=3e-4).to_dict()).to_dict()["min_lr"] == pytest.approx(3e-5)
 
 
 def test_presets_are_the_two_families():
@@ -84,9 +87,10 @@ def test_layer_selectors_are_indices_and_slices(selector, layers):
 
 
 def test_per_layer_overrides_apply_in_order_and_rederive_sizes():
-    cfg = ModelConfig(dim=64, n_layers=4, n_heads=4, layers={"::2": {"sliding_window": 8, "mlp_multiplier": 4.0},
-                                                             0: {"positions": "none", "sliding_window": None},
-                                                             "-1": {"n_heads": 8, "n_kv_heads": 8}})
+    cfg = ModelConfig(dim=64, n_layers=4, n_heads=4, positions="rope",
+                      layers={"::2": {"sliding_window": 8, "mlp_multiplier": 4.0},
+                              0: {"positions": "none", "sliding_window": None},
+                              "-1": {"n_heads": 8, "n_kv_heads": 8}})
     assert list(cfg.layers) == ["::2", "0", "-1"]  # JSON keys are strings
     layers = [cfg.layer(i) for i in range(4)]
     assert [c.sliding_window for c in layers] == [None, None, 8, None]

@@ -265,9 +265,10 @@ def test_resume_is_within_the_spread_of_two_uninterrupted_runs(tmp_path, token_c
         f"the resumed run is {deviation:.2e} from the first run, the second uninterrupted run {spread:.2e}"
 
 
-def test_the_progress_bar_shows_mfu_on_cuda(tmp_path, monkeypatch, capsys):
-    """A CUDA run's progress bar ends with the MFU of its last log row: the row's tokens/s x FLOPs per token over
-    the GPU's bf16 peak (toolkit.trainer.PEAK_BF16_FLOPS; this test needs a GPU listed there)."""
+def test_the_log_and_the_progress_bar_show_mfu_on_cuda(tmp_path, monkeypatch, capsys):
+    """A CUDA run's log has an mfu column, and its progress bar ends with the MFU of its last log row: the row's
+    tokens/s x FLOPs per token over the GPU's bf16 peak (toolkit.trainer.PEAK_BF16_FLOPS; this test needs a GPU
+    listed there)."""
     peak = trainer.peak_flops(DEVICE)
     if peak is None:
         pytest.skip(f"{torch.cuda.get_device_name()} is not in PEAK_BF16_FLOPS: no MFU to show")
@@ -278,8 +279,9 @@ def test_the_progress_bar_shows_mfu_on_cuda(tmp_path, monkeypatch, capsys):
                             eval_every=20, eval_batches=1)
     out = trainer.train(model_cfg, train_cfg, progress_bar=True)
     shown = re.findall(r"mfu=(\d+\.\d)%", capsys.readouterr().err)
-    tokens_per_s = pd.read_csv(out / "log_data.csv")["tokens_per_s"].iloc[-1]
-    expected = trainer.model_flops_utilization(Model(model_cfg), tokens_per_s, peak)
+    last = pd.read_csv(out / "log_data.csv").iloc[-1]
+    expected = trainer.model_flops_utilization(Model(model_cfg), last["tokens_per_s"], peak)
+    assert last["mfu"] == pytest.approx(expected, abs=5e-5), "the log's mfu column is not the bar's figure"
     assert shown, "no mfu= in the progress bar"
     assert abs(float(shown[-1]) - 100 * expected) <= 0.05 + 1e-6, f"bar {shown[-1]}%, the log's tokens/s give " \
                                                                    f"{expected:.3%}"

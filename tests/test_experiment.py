@@ -23,9 +23,11 @@ from conftest import ROOT
 from modules.context import Context
 from toolkit import checkpoint, data, report, stability, stats, trainer
 from toolkit.experiment import (
+    PLAN,
     Experiment,
     ExperimentError,
     Interrupted,
+    check_settings,
     execute_run,
     prune,
     reached_end,
@@ -409,6 +411,22 @@ def test_experiment_files_are_checked_key_by_key(workspace, tmp_path):
         Experiment.from_file(path)
     shipped = sorted((ROOT / "experiments").glob("*.toml"))
     assert shipped and all(Experiment.from_file(f).variants for f in shipped)  # the examples plan without error
+
+
+def test_the_shipped_studies_plan_what_their_runs_were_trained_with(monkeypatch):
+    """A default changed in config.py must not change a shipped study: rerunning any experiment file whose
+    study is under trained/ plans each finished run with the settings it was trained with (a changed
+    default is pinned in the file), so its command reproduces it and resumes instead of refusing."""
+    monkeypatch.setattr(checkpoint, "TRAINED", ROOT / "trained")  # wherever other tests pointed it
+    checked = 0
+    for path in sorted((ROOT / "experiments").glob("*.toml")):
+        experiment = Experiment.from_file(path)
+        if (experiment.folder / PLAN).is_file():
+            for run in experiment.runs():
+                if run.result() is not None:
+                    check_settings(run)
+                    checked += 1
+    assert checked > 0
 
 
 def test_a_grid_grows_past_an_edge_whose_rate_was_best(workspace):

@@ -8,7 +8,8 @@ from modules.layer import NORM_PLACEMENTS
 
 def layer(placement, **overrides):
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2, positions="none", norm_placement=placement, **overrides)
+    cfg = ModelConfig(**{"dim": 32, "n_heads": 4, "n_kv_heads": 2, "positions": "none", "resid_dropout": 0.0,
+                         "norm_placement": placement, **overrides})
     block = NORM_PLACEMENTS[placement](cfg, 0)
     with torch.no_grad():  # non-trivial norm scales, so that a swapped norm would show
         for name, p in block.named_parameters():

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -101,6 +102,21 @@ def test_a_run_writes_its_outputs_and_learns(workspace):
         losses = [model(**batch)[1].item() * batch["targets"].numel() for batch in val]
     assert sum(losses) / sum(b["targets"].numel() for b in val) == pytest.approx(evaluated["val_loss"].iloc[-1],
                                                                                  abs=1e-5)
+
+
+def test_the_log_has_the_mfu_where_the_device_has_a_known_peak(workspace, monkeypatch, capsys):
+    """On a GPU of PEAK_BF16_FLOPS every log row has its MFU: the row's tokens/s x Model.flops_per_token over the
+    peak, and the progress bar shows the last row's (a CPU has no peak: here one is given); without a peak the
+    column is empty."""
+    assert log(run(workspace, max_steps=10, name="no_peak"))["mfu"].isna().all()
+    monkeypatch.setattr(trainer, "peak_flops", lambda device: 1e9)
+    model_cfg, train_cfg = configs(workspace, max_steps=10, name="peak")
+    out = train(model_cfg, train_cfg, progress_bar=True)
+    rows = log(out)
+    expected = Model(model_cfg).flops_per_token(model_cfg.context_length) * rows["tokens_per_s"] / 1e9
+    assert np.allclose(rows["mfu"], expected, rtol=0, atol=5e-5) and (rows["mfu"] > 0).all()
+    shown = re.findall(r"mfu=(\d+\.\d)%", capsys.readouterr().err)
+    assert shown and float(shown[-1]) == pytest.approx(100 * rows["mfu"].iloc[-1], abs=0.051)
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(workspace):
@@ -429,7 +445,8 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(workspace, monkeypat
 def test_weight_decay_only_on_matrices():
     for preset in ("gpt2-1m", "llama3-1m"):
         model = Model(ModelConfig.preset(preset, dim=32, n_layers=2, vocab_size=50, context_length=8))
-        decayed, plain = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu")).param_groups
+        decayed, plain = make_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.1),
+                                        torch.device("cpu")).param_groups
         names = {id(p): n for n, p in model.named_parameters()}
         decayed_names = sorted(names[id(p)] for p in decayed["params"])
         assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0

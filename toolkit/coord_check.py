@@ -59,7 +59,7 @@ def coord_check(base: str = "llama3-1m", widths=WIDTHS, parametrizations=("sp", 
     preset's head count is kept, so head_dim grows with the width."""
     batches = probe_batches(tokenizer, data.read_text(text), steps + 1, batch_size, seq_len)
     probe = batches[-1][:, :-1]  # never trained on
-    train_cfg = TrainConfig(lr=lr, weight_decay=0.0, grad_clip=0.0)
+    train_cfg = TrainConfig(optimizer="adamw", lr=lr, weight_decay=0.0, grad_clip=0.0)
     rows = []
     for parametrization in parametrizations:
         for width in widths:

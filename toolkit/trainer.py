@@ -65,7 +65,7 @@ LOG = "log_data.csv"
 COMMAND = "command.txt"
 RUN_FILES = (WEIGHTS, MODEL_CONFIG, TRAIN_CONFIG, STATE, LOG, COMMAND, PROVENANCE)
 LOG_COLUMNS = ["step", "tokens_seen", "elapsed_s", "lr", "train_loss", "val_loss", "val_bpb", "grad_norm",
-               "tokens_per_s", "eval_elapsed_s", "save_elapsed_s"]
+               "tokens_per_s", "mfu", "eval_elapsed_s", "save_elapsed_s"]  # mfu: on a GPU of PEAK_BF16_FLOPS
 # Dense bf16 peaks from the spec sheets, matched by the first key found in torch's device name (so the
 # PCIe and NVL cards of the H100 come before the SXM figure that "H100" alone gets).
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
@@ -438,13 +438,16 @@ def at_boundary(run: Run, meter: Meter, log, bar, stop, lr: float, grad_norm, ou
         row = {"step": step, "tokens_seen": run.progress.tokens_seen, "lr": lr, "train_loss": train_loss,
                "grad_norm": grad_norm, "elapsed_s": round(run.progress.elapsed_s, 3),
                "tokens_per_s": round(meter.row_steps * run.tokens_per_step / meter.row_seconds, 1)}
+        peak = peak_flops(run.device)
+        if peak:
+            row["mfu"] = round(model_flops_utilization(run.model, row["tokens_per_s"], peak), 4)
         if evaluate_now:
             row["val_loss"], row["val_bpb"] = evaluate(run, meter, bar)
         row["eval_elapsed_s"] = round(run.progress.eval_elapsed_s, 3)
         row["save_elapsed_s"] = round(run.progress.save_elapsed_s, 3)
         log.write(row)
         run.stability.write(step, grad_norm)
-        show(bar, row, run, meter.row_seconds, meter.row_steps)
+        show(bar, row)
         meter.new_row()
     if save_now:
         save(run, meter, bar, stop)
@@ -685,21 +688,20 @@ def bar_note(bar, what: str):
         bar.set_description_str(name)
 
 
-def show(bar, row: dict, run: Run, seconds: float, steps: int):
+def show(bar, row: dict):
     if bar is None:
         return
     postfix = {"loss": f"{row['train_loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
     if "val_loss" in row:
         postfix["val"] = f"{row['val_loss']:.4f}"
-    peak = peak_flops(run.device)
-    if peak:
-        postfix["mfu"] = f"{model_flops_utilization(run.model, steps * run.tokens_per_step / seconds, peak):.1%}"
+    if "mfu" in row:
+        postfix["mfu"] = f"{row['mfu']:.1%}"
     bar.set_postfix(postfix)
 
 
 def model_flops_utilization(model: Model, tokens_per_s: float, peak: float) -> float:
     """Model FLOPs utilisation: training FLOPs per second, counted by Model.flops_per_token at the full
-    context, over `peak` FLOP/s (the progress bar's figure; bench.py gpu reports the same)."""
+    context, over `peak` FLOP/s (the log's and the progress bar's figure; bench.py gpu reports the same)."""
     return model.flops_per_token(model.cfg.context_length) * tokens_per_s / peak
 
 
