@@ -192,17 +192,19 @@ PRESET_OF_KIND = {"gpt2": "gpt2-1m", "llama": "llama3-1m"}  # the project preset
 
 def matching_models(kind: str, **dims) -> tuple[Model, PlainGPT]:
     """The project's Model (the kind's preset with these ModelConfig fields) and a PlainGPT of the same
-    architecture, each built from seed 0. Equal parameter counts are checked: unequal ones would make
-    a speed ratio meaningless."""
+    architecture, with the same weights (the project's init, seed 0). Equal parameter counts are checked:
+    unequal ones would make a speed ratio meaningless."""
     cfg = ModelConfig.preset(PRESET_OF_KIND[kind], **dims)
     torch.manual_seed(0)
     ours = Model(cfg)
-    torch.manual_seed(0)
     reference = PlainGPT(kind, cfg.vocab_size, cfg.context_length, cfg.dim, cfg.n_layers, cfg.n_heads,
                          cfg.n_kv_heads, cfg.mlp_hidden)
     counts = [sum(p.numel() for p in model.parameters()) for model in (ours, reference)]
     if counts[0] != counts[1]:
         raise RuntimeError(f"{kind}: the project's Model has {counts[0]} parameters, PlainGPT {counts[1]}")
+    # The same weights in both: the same arithmetic, down to the values (a GPU's power draw, and so its clock,
+    # depends on them), so that the ratio measures the code alone.
+    reference.load_state_dict(ours.state_dict(), strict=True)
     return ours, reference
 
 

@@ -98,6 +98,10 @@ def test_reference_and_project_model_compute_the_same_function(kind, preset):
 def test_matching_models_have_equal_parameter_counts_and_the_kinds_layout(kind):
     ours, reference = bench.matching_models(kind, **DIMS, n_kv_heads=KV_HEADS[kind])
     assert list(ours.state_dict()) == list(reference.state_dict())
+    for (name, mine), theirs in zip(ours.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(mine, theirs), f"{name}: the speed comparison must start both models from one set of weights"
+    input_ids, targets = random_batch()
+    torch.testing.assert_close(ours(input_ids, targets)[1], reference(input_ids, targets)[1], rtol=0, atol=1e-5)
     assert [p.shape for p in ours.state_dict().values()] == [p.shape for p in reference.state_dict().values()]
 
 

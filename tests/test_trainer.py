@@ -539,3 +539,16 @@ def test_gpu_peaks_match_the_card_not_just_its_family():
     assert trainer.peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
     assert trainer.peak_flops_of("NVIDIA GeForce RTX 4090") == 165e12
     assert trainer.peak_flops_of("Some Future GPU") is None
+
+
+@pytest.mark.parametrize(("name", "world_size", "expected"), [("cuda", 1, "cuda:3"), ("cuda", 2, "cuda:1"),
+                                                             ("cuda:2", 2, "cuda:2")])
+def test_a_bare_cuda_device_gets_an_index_before_set_device(name, world_size, expected, monkeypatch):
+    """torch.cuda.set_device refuses a bare "cuda" on some torch versions (2.11 did): pick_device names the
+    current GPU alone, the local rank's under torchrun, and keeps an index it was given."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    device = trainer.pick_device(name, trainer.Distributed(rank=1, world_size=world_size, local_rank=1))
+    assert device == torch.device(expected) and chosen == [device]
