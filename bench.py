@@ -563,6 +563,10 @@ SMOKE_PLAN = GpuPlan(models={"gpt2": TINY, "llama": {**TINY, "n_kv_heads": 2}}, 
                      loop_steps=8, max_docs=300, generate_batches=(1, 2), prompt_len=8, new_tokens=8,
                      generate_rounds=1, matmul_size=256)
 GPU_SECTIONS = ("peak", "model", "generate", "loop")
+EXTRA_GPU_SECTIONS = ("profile",)  # run only when named in --only: a diagnosis, not a figure to quote
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product")),
+                ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "::mm", "addmm", "bmm")),
+                ("fused (Triton)", ("triton",)))
 TARGETS = {"step": 1.0, "mfu": 0.40, "loop": 0.97, "doc_masking": 0.9, "generate": 1.0}
 TABLE_COLUMNS = ("section", "measurement", "figure", "reference", "ratio / MFU", "target", "pass")
 
@@ -702,6 +706,8 @@ class GpuBench:
         for batch in plan.generate_batches if "generate" in sections else ():
             run("generate", f"batch {batch}", functools.partial(self.generation, batch))
         self.kept.clear()
+        for kind in plan.models if "profile" in sections else ():
+            run("profile", f"{kind} kernels", functools.partial(self.profile, kind))
         if "loop" in sections:
             with scratch_space():  # the runs and the token shards of the loop
                 run("loop", "adamw loop", functools.partial(self.loop, "adamw"))
@@ -753,6 +759,33 @@ class GpuBench:
                     f"ratio {ratio:.3f}", f">= {TARGETS['step']}", ratio >= TARGETS["step"], shape, ours=ours,
                     reference=reference, ratio=ratio, batch_size=batch),
                 self.mfu_row(f"{kind} step MFU", model, ours)]
+
+    def profile(self, kind: str):
+        """Where the step's time goes, ours against PlainGPT's: per step, the wall time, the time the device spent
+        in kernels (the rest is waiting on the host) and that time by kernel kind; every kernel's time goes to
+        profile_KIND.md. A gap in wall time with equal kernel time points at the host (Python, guards, syncs);
+        one in a kernel kind points at what the compiler made of the graph."""
+        plan = self.plan
+        batch = self.fitted.get(kind, plan.batch_size)
+        dims = plan.models[kind]
+        generator = torch.Generator().manual_seed(0)
+        input_ids, targets = torch.randint(0, dims["vocab_size"], (2, batch, dims["context_length"]),
+                                           generator=generator).to(self.device)
+        models = [model.to(self.device).train() for model in matching_models(kind, **dims)]
+        steps = [make_step(torch.compile(model) if self.compile else model, input_ids, targets, self.amp)
+                 for model in models]
+        splits = [kernel_split(step, plan.steps, self.device, self.sync) for step in steps]
+        write_kernel_table(self.results.out / f"profile_{kind}.md", kind, *splits)
+        (ours, ours_kernels), (theirs, their_kernels) = splits
+        kinds = sorted({kernel_kind(name) for name in {**ours_kernels, **their_kernels}})
+        by_kind = {k: (sum(t for n, t in ours_kernels.items() if kernel_kind(n) == k),
+                       sum(t for n, t in their_kernels.items() if kernel_kind(n) == k)) for k in kinds}
+        parts = "; ".join(f"{k} {a * 1e3:.2f} vs {b * 1e3:.2f}" for k, (a, b) in by_kind.items())
+        return [row(f"{kind} step, where the time goes", f"wall {ours['wall'] * 1e3:.2f} ms/step, kernels "
+                    f"{ours['kernels'] * 1e3:.2f}", f"PlainGPT wall {theirs['wall'] * 1e3:.2f}, kernels "
+                    f"{theirs['kernels'] * 1e3:.2f}", f"ratio {theirs['wall'] / ours['wall']:.3f}", "", None,
+                    f"ms per step, ours vs PlainGPT: {parts}; batch {batch}", ours=ours, reference=theirs,
+                    by_kind={k: list(v) for k, v in by_kind.items()})]
 
     def generation_models(self) -> tuple[Model, object]:
         """The plan's gpt2 (seed 0; in bf16 on a GPU) and transformers' model with its weights, in eval mode."""
@@ -842,6 +875,50 @@ class GpuBench:
                     f"doc_masking=true: {kernel}", masked=masked, unmasked=unmasked, ratio=ratio)]
 
 
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
+
+
+def kernel_split(step, steps: int, device: torch.device, sync) -> tuple[dict, dict]:
+    """({"wall", "kernels"} seconds per step, {kernel name: seconds per step}) of `steps` calls of step(), after
+    two warm-up calls. The device's kernels on a GPU; on a CPU (for --smoke) the operators' own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2):
+        step()
+    sync()
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = (time.perf_counter() - start) / steps
+    kernels = {}
+    for event in prof.key_averages():
+        seconds = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e6 / steps
+        if seconds > 0 and (cuda or event.device_type == torch.autograd.DeviceType.CPU):
+            kernels[event.key] = kernels.get(event.key, 0.0) + seconds
+    return {"wall": wall, "kernels": sum(kernels.values())}, kernels
+
+
+def write_kernel_table(path: Path, kind: str, ours: tuple, theirs: tuple):
+    """Every kernel's milliseconds per step, ours and PlainGPT's, longest first (compiled kernels are named
+    by what they fuse, so a kernel that only one side has shows a fusion the other did not make)."""
+    (our_total, our_kernels), (their_total, their_kernels) = ours, theirs
+    names = sorted(set(our_kernels) | set(their_kernels),
+                   key=lambda n: -max(our_kernels.get(n, 0.0), their_kernels.get(n, 0.0)))
+    lines = [f"# {kind} step: kernels, ms per step (ours vs PlainGPT)", "",
+             f"wall {our_total['wall'] * 1e3:.3f} vs {their_total['wall'] * 1e3:.3f}; "
+             f"kernels {our_total['kernels'] * 1e3:.3f} vs {their_total['kernels'] * 1e3:.3f}", "",
+             "| kernel | kind | ours | PlainGPT | difference |", "|---|---|---|---|---|"]
+    for name in names:
+        a, b = our_kernels.get(name, 0.0) * 1e3, their_kernels.get(name, 0.0) * 1e3
+        lines.append(f"| `{name[:120]}` | {kernel_kind(name)} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def configure_compile():
     """One process compiles many models: room for all of them in dynamo's cache (past its limit they would run
     eager, silently), and a static graph for each batch size tried (no automatically dynamic shapes)."""
@@ -854,9 +931,10 @@ def configure_compile():
 
 def gpu_sections(text: str) -> tuple:
     sections = tuple(part.strip() for part in text.split(","))
-    unknown = [s for s in sections if s not in GPU_SECTIONS]
+    unknown = [s for s in sections if s not in GPU_SECTIONS + EXTRA_GPU_SECTIONS]
     if unknown or not sections:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid: give sections among {','.join(GPU_SECTIONS)}, "
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: give sections among "
+                                         f"{','.join(GPU_SECTIONS + EXTRA_GPU_SECTIONS)}, "
                                          f"comma-separated")
     return sections
 
@@ -886,7 +964,8 @@ def bench_gpu(args):
     parser.add_argument("--batch_size", type=int, help=f"training batch to start from, halved on out-of-memory "
                         f"(default {GPU_PLAN.batch_size}, with --smoke {SMOKE_PLAN.batch_size})")
     parser.add_argument("--only", type=gpu_sections, default=GPU_SECTIONS,
-                        help=f"comma-separated sections to run (default all: {','.join(GPU_SECTIONS)})")
+                        help=f"comma-separated sections to run (default: {','.join(GPU_SECTIONS)}; 'profile' "
+                        f"splits each kind's step against PlainGPT's by kernel kind, into profile_KIND.md)")
     parser.add_argument("--max_minutes", type=float, default=5.5,
                         help="measurements not started by then are recorded as not run, and the table is printed")
     o = parser.parse_args(args)

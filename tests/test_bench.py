@@ -261,3 +261,18 @@ def test_gpt2_124m_is_llm_c_s_and_the_causal_count_is_its_formula():
     # llm.c: 6N + 6 L T d, where N also counts the position embedding (T x d), which no matmul uses
     assert bench.causal_flops_per_token(model) == 6 * N + 6 * L * T * d - 6 * T * d
     assert model.flops_per_token() == bench.causal_flops_per_token(model) + 6 * L * T * d  # all of T x T
+
+
+def test_kernel_split_accounts_for_the_step_by_kernel_kind(tmp_path):
+    """bench.py gpu's profile section: the per-kernel times add up to the kernel total, which the wall time
+    bounds, and the table lists every kernel with its kind."""
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    totals, kernels = bench.kernel_split(lambda: torch.relu(a @ b), 3, torch.device("cpu"), lambda: None)
+    assert totals["kernels"] == pytest.approx(sum(kernels.values()))
+    assert 0 < totals["kernels"] <= totals["wall"] * 1.1
+    assert bench.kernel_kind("aten::mm") == "matmul" and kernels["aten::mm"] > 0
+    assert bench.kernel_kind("triton_poi_fused_add_mul_0") == "fused (Triton)"
+    assert bench.kernel_kind("flash_fwd_kernel") == "attention" and bench.kernel_kind("aten::relu") == "other"
+    bench.write_kernel_table(tmp_path / "p.md", "toy", (totals, kernels), (totals, {}))
+    table = (tmp_path / "p.md").read_text()
+    assert all(f"`{name}`" in table for name in kernels)
