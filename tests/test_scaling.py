@@ -4,6 +4,7 @@ plan the runs they say; a tiny study writes the learning-rate-transfer and scali
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import optimize
 from test_experiment import TINY_TRAIN, plan, ran_study, write_texts
@@ -132,3 +133,15 @@ def test_a_sized_study_reports_learning_rate_transfer_and_a_scaling_fit(sized_st
     assert {p.label for p in fits["forecast"].held_out} == {"dim32-steps5", "dim32-steps10"}
     assert {p.tokens for p in fits["points"]} == {5 * 4 * 32, 10 * 4 * 32}
     assert "Forecast of the largest size from the others only" in text
+
+
+def test_a_wider_model_is_worse_beyond_noise_only_past_twice_the_standard_error():
+    """Seeds' spread pooled over the sizes at each rate: 0.01414 here, so a difference of two 2-seed means
+    counts past 2 x 0.01414 = 0.028 bits per byte; one seed per cell gives no estimate at all."""
+    scores = [("a", 1e-3, 0, 1.00), ("a", 1e-3, 1, 1.02), ("b", 1e-3, 0, 1.01), ("b", 1e-3, 1, 1.03),
+              ("a", 2e-3, 0, 1.00), ("a", 2e-3, 1, 1.02), ("b", 2e-3, 0, 1.10), ("b", 2e-3, 1, 1.12),
+              ("c", 2e-3, 0, math.inf)]
+    table = pd.DataFrame(scores, columns=["size", "lr", "seed", "eval_bpb"])
+    worse = [(1e-3, "a", "b"), (2e-3, "a", "b")]
+    assert report.worse_beyond_noise(table, worse) == [(2e-3, "a", "b")]
+    assert report.worse_beyond_noise(table[table["seed"] == 0], worse) is None

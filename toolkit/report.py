@@ -631,8 +631,29 @@ def lr_transfer(study: Study) -> dict[str, dict]:
         worse = [(lr, a, b) for lr, a, b in compared if by[(b, lr)] > by[(a, lr)]]
         pairs = len(compared)
         out[name] = {"means": by, "sizes": sizes, "best": best, "spread": max(steps) - min(steps),
-                     "wider_worse": worse, "pairs": pairs}
+                     "wider_worse": worse, "beyond_noise": worse_beyond_noise(rows, worse), "pairs": pairs}
     return out
+
+
+def worse_beyond_noise(scores: pd.DataFrame, worse: list) -> list | None:
+    """The (rate, narrower, wider) pairs of `worse` where the wider model's mean is worse by more than twice
+    the standard error of the difference of the two means; the seeds' standard deviation is pooled over the
+    sizes at each rate (noise grows with the rate, and two seeds alone would give a poor estimate). None when
+    no (size, rate) has two seeds with finite scores."""
+    finite = scores[scores["eval_bpb"] < math.inf]
+    cells = finite.groupby(["size", "lr"])["eval_bpb"]
+    variance, count = cells.var(ddof=1), cells.count()
+    pooled = variance[count >= 2].groupby(level="lr").mean()
+    if pooled.empty:
+        return None
+    means = cells.mean()
+    beyond = []
+    for lr, a, b in worse:
+        if lr in pooled.index and (a, lr) in count.index and (b, lr) in count.index:
+            error = math.sqrt(pooled[lr] * (1 / count[(a, lr)] + 1 / count[(b, lr)]))
+            if means[(b, lr)] - means[(a, lr)] > 2 * error:
+                beyond.append((lr, a, b))
+    return beyond
 
 
 def plot_lr_transfer(study: Study, path: Path) -> Path:
@@ -671,19 +692,22 @@ def lr_transfer_section(study: Study) -> list[str]:
     for name, info in found.items():
         cells = [f"{info['best'][size]:g} ({number(info['means'][(size, info['best'][size])])})"
                  if size in info["best"] else "n/a" for size in sizes]
-        worse = info["wider_worse"]
+        worse, beyond = info["wider_worse"], info["beyond_noise"]
+        noise = "" if beyond is None else f" ({len(beyond)} beyond noise)"
         rows.append([f"`{name}`", *cells, f"{info['spread']} step{'s' if info['spread'] != 1 else ''}",
-                     "yes" if not worse else f"no: {len(worse)} of {info['pairs']} pairs"])
+                     "yes" if not worse else f"no: {len(worse)} of {info['pairs']} pairs{noise}"])
     lines = [f"The best rate of the grid ({', '.join(f'{r:g}' for r in grid)}, held-out bits per byte averaged over "
              f"seed{'s' if len(study.experiment.grid_seed_list) > 1 else ''} "
              f"{', '.join(map(str, study.experiment.grid_seed_list))}) at each size, how many grid steps the best "
              "rates span across the sizes (a rate that transfers moves by at most one), and whether a wider model "
-             "is never worse than the next narrower one at the same rate:", ""]
+             "is never worse than the next narrower one at the same rate (beyond noise: worse by more than twice the "
+             "standard error of the difference, the seeds' spread pooled over the sizes at that rate):", ""]
     lines += markdown(["variant", *sizes, "best rates span", "wider never worse"], rows) + [""]
     for name, info in found.items():
-        for lr, a, b in info["wider_worse"][:6]:
+        for lr, a, b in sorted(info["wider_worse"], key=lambda w: w not in (info["beyond_noise"] or []))[:6]:
+            mark = ", beyond noise" if (lr, a, b) in (info["beyond_noise"] or []) else ""
             lines.append(f"- `{name}` at {lr:g}: {b} {number(info['means'][(b, lr)])} against {a} "
-                         f"{number(info['means'][(a, lr)])}")
+                         f"{number(info['means'][(a, lr)])}{mark}")
     return lines + ["", "![learning rate across sizes](lr_transfer.png)"]
 
 
