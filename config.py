@@ -168,8 +168,8 @@ class ModelConfig(Settings):
     resid_dropout: float = 0.1  # dropout on each block's output before it joins the residual stream
     init_std: float = 0.02  # standard deviation of the initial weights
     zero_head: bool = False  # start the output head at zero (muP's advice: the first logits are 0 at any width)
-    parametrization: str = "sp"  # sp | mup (modules/parametrization.py: rates that carry across widths)
-    base_dim: int | None = None  # mup: the width the hyperparameters were tuned at (None: dim, where mup is sp)
+    parametrization: str = "sp"  # sp | mup | spectral (modules/parametrization.py: rates that carry across widths)
+    base_dim: int | None = None  # mup, spectral: the width the hyperparameters were tuned at (None: dim, i.e. sp)
     # Per-layer overrides: {selector: {field: value}}, selectors as in layer_selection ('0', '1,3', '::2');
     # later entries win where they overlap. E.g. {"::2": {"sliding_window": 64}, "0": {"positions": "none"}}.
     layers: dict | None = None  # per-layer overrides {selector: {field: value}}, e.g. {"::2": {"sliding_window": 64}}

@@ -40,7 +40,8 @@ class Model(LoggingModule):
     def init_weights(self):
         """GPT-2 init: N(0, init_std) for matrices and embeddings, zero biases, and residual
         projections scaled by 1/sqrt(2 n_layers) so the residual stream does not grow with depth; the
-        layers' matrices also by the parametrization's width factor; the head at zero with zero_head.
+        layers' matrices and an untied head also by the parametrization's width factors; the head at zero with
+        zero_head.
         Other parameters keep the initial values their modules gave them."""
         std = self.cfg.init_std
         for module in self.modules():
@@ -48,6 +49,8 @@ class Model(LoggingModule):
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "residual_projection", False) else 1
                 if module is not self.head:
                     scale *= self.scales.hidden_init
+                elif not self.cfg.tie_embeddings:  # a tied head is the embedding, initialised as one
+                    scale *= self.scales.head_init
                 nn.init.normal_(module.weight, 0.0, std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)

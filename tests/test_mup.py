@@ -7,6 +7,7 @@ import torch
 
 from config import ConfigError, ModelConfig, TrainConfig
 from modules.model import Model
+from modules.parametrization import PARAMETRIZATIONS
 from toolkit import coord_check
 from toolkit.checkpoint import load_checkpoint, save_model
 from toolkit.hf import export_hf, hf_config_for
@@ -25,12 +26,13 @@ def ids(*shape, seed=1):
     return torch.randint(0, SMALL["vocab_size"], shape, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("parametrization", [p for p in PARAMETRIZATIONS if p != "sp"])
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("overrides", [{}, dict(tie_embeddings=True, n_kv_heads=1, norm="layernorm"),
                                        dict(attention="differential", qk_norm=True)])
-def test_mup_at_its_base_width_is_sp(optimizer, overrides):
-    """Same weights, same logits, and after three optimizer steps still the same weights."""
-    models = [model_of(dim=64, parametrization=p, base_dim=64, **overrides) for p in ("sp", "mup")]
+def test_mup_at_its_base_width_is_sp(parametrization, optimizer, overrides):
+    """Every parametrization: same weights, same logits, and after three optimizer steps still the same weights."""
+    models = [model_of(dim=64, parametrization=p, base_dim=64, **overrides) for p in ("sp", parametrization)]
     sp, mup = models
     assert all(torch.equal(a, b) for a, b in zip(sp.state_dict().values(), mup.state_dict().values()))
     x = ids(2, 32)
@@ -69,6 +71,24 @@ def test_mup_multipliers_follow_the_width_ratio():
         for group in opt.param_groups:
             is_hidden = {id(p) for p in group["params"]} <= hidden
             assert group["lr_scale"] == (expected if is_hidden else 1.0), (name, adjust)
+
+
+@pytest.mark.parametrize(("dim", "vocab_size"), [(256, 97), (256, 1024)])
+def test_spectral_is_mup_with_the_head_at_the_spectral_scale(dim, vocab_size):
+    """The same multipliers as muP; only an untied head starts differently: its effective std (init x logits'
+    multiplier) follows min(1, sqrt(vocab/dim)) / sqrt(dim) relative to the base width, where muP's shrinks as 1/m."""
+    mup, spectral = (model_of(dim=dim, vocab_size=vocab_size, parametrization=p, base_dim=64)
+                     for p in ("mup", "spectral"))
+    assert spectral.scales._replace(head_init=1.0) == mup.scales
+    assert all(torch.equal(a, b) for name, a, b in zip(mup.state_dict(), mup.state_dict().values(),
+                                                         spectral.state_dict().values()) if name != "head.weight")
+    def head_std(d):
+        return min(1.0, math.sqrt(vocab_size / d)) / math.sqrt(d)
+    effective = spectral.head.weight.std().item() * spectral.scales.output
+    assert effective == pytest.approx(0.02 * head_std(dim) / head_std(64), rel=0.02)
+    assert mup.head.weight.std().item() * mup.scales.output == pytest.approx(0.02 * 64 / dim, rel=0.02)
+    tied = model_of(dim=dim, vocab_size=vocab_size, parametrization="spectral", base_dim=64, tie_embeddings=True)
+    assert tied.embed.weight.std().item() == pytest.approx(0.02, rel=0.02)  # a tied head is the embedding
 
 
 def test_zero_head_starts_every_logit_at_zero_and_still_learns():
