@@ -151,14 +151,18 @@ def test_stability_log_measures_the_logits_the_loss_sees(tmp_path):
 
 def test_coordinate_check_is_flat_under_mup_and_grows_under_sp():
     """Three AdamW steps at widths 64 and 512 (8x): every shown module's output RMS changes by less than
-    2.5x under muP, while under SP attention scores, MLP and layer outputs grow more than 10x and the
-    logits more than 2x."""
+    2.5x under muP and spectral, while under SP attention scores, MLP and layer outputs grow more than 10x and
+    the logits more than 2x. At initialisation muP's logits shrink as 1/sqrt(m) (its head starts m times
+    smaller), spectral's keep their size (the vocabulary, 2048, is wider than both models)."""
     pytest.importorskip("pandas")
     table = coord_check.coord_check(widths=(64, 512), steps=3, lr=5e-3, batch_size=4, seq_len=32,
-                                    model_overrides=dict(n_layers=2))
+                                    parametrizations=("sp", "mup", "spectral"), model_overrides=dict(n_layers=2))
     for label, *_ in coord_check.SHOWN:
         ratios = coord_check.growth(table, label, step=3)
-        assert max(ratios["mup"], 1 / ratios["mup"]) < 2.5, (label, ratios)
+        for name in ("mup", "spectral"):
+            assert max(ratios[name], 1 / ratios[name]) < 2.5, (label, name, ratios)
         assert ratios["sp"] > (2 if label in ("logits", "attention output") else 10), (label, ratios)
     at_init = coord_check.growth(table, "MLP output", step=0)  # muP's init keeps hidden outputs width-free
     assert at_init["mup"] == pytest.approx(1, abs=0.1) and at_init["sp"] > 8
+    logits = coord_check.growth(table, "logits", step=0)
+    assert logits["spectral"] == pytest.approx(1, abs=0.1) and logits["mup"] == pytest.approx(8 ** -0.5, rel=0.1)
