@@ -119,9 +119,10 @@ def test_base_dim_is_checked_and_model_wide():
         ModelConfig(parametrization="mupp")
 
 
-def test_mup_models_save_load_and_export_exactly(tmp_path):
+@pytest.mark.parametrize("parametrization", [p for p in PARAMETRIZATIONS if p != "sp"])
+def test_mup_models_save_load_and_export_exactly(tmp_path, parametrization):
     transformers = pytest.importorskip("transformers")
-    model = model_of(dim=128, parametrization="mup", base_dim=32).eval()
+    model = model_of(dim=128, parametrization=parametrization, base_dim=32).eval()
     save_model(model, tmp_path / "saved")
     loaded, _ = load_checkpoint(tmp_path / "saved", "cpu")
     x = ids(2, 32)
@@ -131,9 +132,11 @@ def test_mup_models_save_load_and_export_exactly(tmp_path):
     with torch.no_grad():
         assert (hf(x).logits - model(x)[0]).abs().max().item() <= 1e-5
     for field in ("tie_embeddings", "qk_norm"):
-        with pytest.raises(ValueError, match=f"parametrization='mup' with {field}=True"):
-            hf_config_for(ModelConfig.preset("llama3-1m", dim=128, parametrization="mup", base_dim=32, **{field: True}))
-    hf_config_for(ModelConfig.preset("llama3-1m", dim=128, parametrization="mup", base_dim=128, tie_embeddings=True))
+        with pytest.raises(ValueError, match=f"parametrization='{parametrization}' with {field}=True"):
+            hf_config_for(ModelConfig.preset("llama3-1m", dim=128, parametrization=parametrization, base_dim=32,
+                                             **{field: True}))
+    hf_config_for(ModelConfig.preset("llama3-1m", dim=128, parametrization=parametrization, base_dim=128,
+                                     tie_embeddings=True))
 
 
 def test_stability_log_measures_the_logits_the_loss_sees(tmp_path):
