@@ -22,15 +22,16 @@ Options (they override the file's keys): --name, --base, --seeds=3 (or 0,1,2), -
 --parallel=N, --executor=slurm|local (submitit; local tries the same path on this machine). Any
 ModelConfig or TrainConfig field applies to every run: --train.batch_size=16, --model.dim=64, --lr=2e-3.
 
---coord_check trains a few AdamW steps at several widths under SP and muP and draws each module's output
-RMS against width (toolkit/coord_check.py); its options: --base=llama3-1m, --widths=64,128,256,512,1024,
---base_dim=64, --steps=4, --lr=1e-2, --seed=0.
+--coord_check trains a few AdamW steps at several widths under each parametrization (SP, muP, ...) and
+draws each module's output RMS against width (toolkit/coord_check.py); its options: --base=llama3-1m,
+--widths=64,128,256,512,1024, --base_dim=64, --steps=4, --lr=1e-2, --seed=0.
 """
 import sys
 
 import pandas as pd
 
 from config import PRESETS, ConfigError
+from modules.parametrization import PARAMETRIZATIONS
 from toolkit.cli import parse_value, protect_output, route_overrides, split_arguments
 from toolkit.data import DataError
 from toolkit.experiment import (
@@ -135,8 +136,8 @@ def coord_check_main(argv: list[str]):
         raise ExperimentError(f"--base={options['base']!r} is not a preset; presets: {', '.join(PRESETS)}")
     settings = {"base": "llama3-1m", "widths": list(coord_check.WIDTHS), "base_dim": 64, "steps": 4, "lr": 1e-2,
                 "seed": 0, **options}
-    print(f"coordinate check: {settings['base']} at widths {settings['widths']}, SP and muP (base_dim "
-          f"{settings['base_dim']}), {settings['steps']} AdamW steps at lr {settings['lr']:g}")
+    print(f"coordinate check: {settings['base']} at widths {settings['widths']}, {', '.join(PARAMETRIZATIONS)} "
+          f"(base_dim {settings['base_dim']}), {settings['steps']} AdamW steps at lr {settings['lr']:g}")
     table = coord_check.coord_check(**settings)
     title = (f"{settings['base']}: output RMS against width, steps 0-{settings['steps']} "
              f"(AdamW lr {settings['lr']:g}, muP base_dim {settings['base_dim']})")

@@ -119,9 +119,10 @@ def test_base_dim_is_checked_and_model_wide():
         ModelConfig(parametrization="mupp")
 
 
-def test_mup_models_save_load_and_export_exactly(tmp_path):
+@pytest.mark.parametrize("parametrization", [p for p in PARAMETRIZATIONS if p != "sp"])
+def test_mup_models_save_load_and_export_exactly(tmp_path, parametrization):
     transformers = pytest.importorskip("transformers")
-    model = model_of(dim=128, parametrization="mup", base_dim=32).eval()
+    model = model_of(dim=128, parametrization=parametrization, base_dim=32).eval()
     save_model(model, tmp_path / "saved")
     loaded, _ = load_checkpoint(tmp_path / "saved", "cpu")
     x = ids(2, 32)
@@ -131,9 +132,11 @@ def test_mup_models_save_load_and_export_exactly(tmp_path):
     with torch.no_grad():
         assert (hf(x).logits - model(x)[0]).abs().max().item() <= 1e-5
     for field in ("tie_embeddings", "qk_norm"):
-        with pytest.raises(ValueError, match=f"parametrization='mup' with {field}=True"):
-            hf_config_for(ModelConfig.preset("llama3-1m", dim=128, parametrization="mup", base_dim=32, **{field: True}))
-    hf_config_for(ModelConfig.preset("llama3-1m", dim=128, parametrization="mup", base_dim=128, tie_embeddings=True))
+        with pytest.raises(ValueError, match=f"parametrization='{parametrization}' with {field}=True"):
+            hf_config_for(ModelConfig.preset("llama3-1m", dim=128, parametrization=parametrization, base_dim=32,
+                                             **{field: True}))
+    hf_config_for(ModelConfig.preset("llama3-1m", dim=128, parametrization=parametrization, base_dim=128,
+                                     tie_embeddings=True))
 
 
 def test_stability_log_measures_the_logits_the_loss_sees(tmp_path):
@@ -151,14 +154,18 @@ def test_stability_log_measures_the_logits_the_loss_sees(tmp_path):
 
 def test_coordinate_check_is_flat_under_mup_and_grows_under_sp():
     """Three AdamW steps at widths 64 and 512 (8x): every shown module's output RMS changes by less than
-    2.5x under muP, while under SP attention scores, MLP and layer outputs grow more than 10x and the
-    logits more than 2x."""
+    2.5x under muP and spectral, while under SP attention scores, MLP and layer outputs grow more than 10x and
+    the logits more than 2x. At initialisation muP's logits shrink as 1/sqrt(m) (its head starts m times
+    smaller), spectral's keep their size (the vocabulary, 2048, is wider than both models)."""
     pytest.importorskip("pandas")
     table = coord_check.coord_check(widths=(64, 512), steps=3, lr=5e-3, batch_size=4, seq_len=32,
-                                    model_overrides=dict(n_layers=2))
+                                    parametrizations=("sp", "mup", "spectral"), model_overrides=dict(n_layers=2))
     for label, *_ in coord_check.SHOWN:
         ratios = coord_check.growth(table, label, step=3)
-        assert max(ratios["mup"], 1 / ratios["mup"]) < 2.5, (label, ratios)
+        for name in ("mup", "spectral"):
+            assert max(ratios[name], 1 / ratios[name]) < 2.5, (label, name, ratios)
         assert ratios["sp"] > (2 if label in ("logits", "attention output") else 10), (label, ratios)
     at_init = coord_check.growth(table, "MLP output", step=0)  # muP's init keeps hidden outputs width-free
     assert at_init["mup"] == pytest.approx(1, abs=0.1) and at_init["sp"] > 8
+    logits = coord_check.growth(table, "logits", step=0)
+    assert logits["spectral"] == pytest.approx(1, abs=0.1) and logits["mup"] == pytest.approx(8 ** -0.5, rel=0.1)

@@ -16,6 +16,7 @@ import torch
 
 from config import ModelConfig, TrainConfig
 from modules.model import Model
+from modules.parametrization import PARAMETRIZATIONS
 from toolkit import data
 from toolkit.optim import make_optimizer, set_learning_rate
 from toolkit.tokenizer import load_tokenizer
@@ -50,9 +51,9 @@ def measure(model: Model, probe: torch.Tensor) -> dict[str, float]:
     return rms
 
 
-def coord_check(base: str = "llama3-1m", widths=WIDTHS, parametrizations=("sp", "mup"), base_dim: int = 64,
-                steps: int = 4, lr: float = 1e-2, batch_size: int = 8, seq_len: int = 64, seed: int = 0,
-                text: str = "tinystories-sample", tokenizer: str = "tinystories-sample-2048",
+def coord_check(base: str = "llama3-1m", widths=WIDTHS, parametrizations=tuple(PARAMETRIZATIONS),
+                base_dim: int = 64, steps: int = 4, lr: float = 1e-2, batch_size: int = 8, seq_len: int = 64,
+                seed: int = 0, text: str = "tinystories-sample", tokenizer: str = "tinystories-sample-2048",
                 model_overrides: dict | None = None) -> pd.DataFrame:
     """One row per (parametrization, width, step, module output) with its RMS: step t is measured after
     t AdamW updates at the constant rate `lr` (no warmup: the check is about the first steps). The
@@ -113,7 +114,7 @@ def growth(table: pd.DataFrame, label: str, step: int) -> dict[str, float]:
 
 
 def plot(table: pd.DataFrame, path: Path, title: str = ""):
-    """The standard picture: per module (rows), RMS against width for each step, SP and muP side by side."""
+    """The standard picture: per module (rows), RMS against width for each step, every parametrization side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
