@@ -311,7 +311,7 @@ def pick_device(name: str, env: Distributed) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise TrainError("device=cuda but no CUDA GPU is visible: use --device=cpu")
-        if device.index is None:  # set_device needs an index (torch < 2.13 refuses a bare "cuda")
+        if device.index is None:  # set_device needs an index (torch 2.11 refused a bare "cuda")
             device = torch.device("cuda", env.local_rank if env.world_size > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)
     if device.type == "mps" and not torch.backends.mps.is_available():
