@@ -222,17 +222,24 @@ def make_step(model, input_ids, targets, amp: bool):
     return step
 
 
+def matching_steps(kind: str, dims: dict, batch_size: int, device: torch.device, amp: bool, compile: bool):
+    """The project's Model and PlainGPT (matching_models) on `device` in training mode, and a training step of
+    each (compiled if asked) on one fixed random batch."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids, targets = torch.randint(0, dims["vocab_size"], (2, batch_size, dims["context_length"]),
+                                       generator=generator).to(device)
+    models = [model.to(device).train() for model in matching_models(kind, **dims)]
+    return models, [make_step(torch.compile(model) if compile else model, input_ids, targets, amp)
+                    for model in models]
+
+
 def compare_steps(kind: str, dims: dict, batch_size: int, device: torch.device, amp: bool, compile: bool,
                   steps: int, rounds: int, sync=lambda: None, warmup_rounds: int = 2) -> dict:
     """Training tokens/s of the project's Model and PlainGPT (matching_models(kind, **dims)) on the same fixed
     random batch: warm-up rounds (compilation included), then alternating timed rounds of `steps` steps.
     Returns tokens_per_s {"ours", "reference"} (medians), ratio (ours / reference, the median of per-round
     ratios), the project's model and batch_size."""
-    generator = torch.Generator().manual_seed(0)
-    input_ids, targets = torch.randint(0, dims["vocab_size"], (2, batch_size, dims["context_length"]),
-                                       generator=generator).to(device)
-    models = [model.to(device).train() for model in matching_models(kind, **dims)]
-    steps_of = [make_step(torch.compile(model) if compile else model, input_ids, targets, amp) for model in models]
+    models, steps_of = matching_steps(kind, dims, batch_size, device, amp, compile)
 
     def run(step):
         return lambda: [step() for _ in range(steps)]
@@ -767,13 +774,7 @@ class GpuBench:
         one in a kernel kind points at what the compiler made of the graph."""
         plan = self.plan
         batch = self.fitted.get(kind, plan.batch_size)
-        dims = plan.models[kind]
-        generator = torch.Generator().manual_seed(0)
-        input_ids, targets = torch.randint(0, dims["vocab_size"], (2, batch, dims["context_length"]),
-                                           generator=generator).to(self.device)
-        models = [model.to(self.device).train() for model in matching_models(kind, **dims)]
-        steps = [make_step(torch.compile(model) if self.compile else model, input_ids, targets, self.amp)
-                 for model in models]
+        _, steps = matching_steps(kind, plan.models[kind], batch, self.device, self.amp, self.compile)
         splits = [kernel_split(step, plan.steps, self.device, self.sync) for step in steps]
         write_kernel_table(self.results.out / f"profile_{kind}.md", kind, *splits)
         (ours, ours_kernels), (theirs, their_kernels) = splits
