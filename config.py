@@ -341,6 +341,7 @@ class TrainConfig(Settings):
     beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     doc_masking: bool = False  # attend only within each document of a packed window
+    shift_windows: bool = False  # each epoch after the first cuts the text into windows at a new seeded offset
     eval_every: int = 200  # steps between validation runs (and at the end)
     eval_batches: int = 20  # size of the fixed validation set, in batches
     log_every: int = 10  # steps per row of log_data.csv (train loss is the mean over the row's steps)

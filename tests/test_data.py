@@ -233,6 +233,42 @@ def test_batches_draw_every_window_once_per_epoch_in_a_seeded_order(tmp_path):
     assert sorted(second_epoch) == list(range(99)) and second_epoch != seen
 
 
+def test_shifted_windows_cut_each_later_epoch_at_its_own_offset_and_resume_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "t.txt").write_text("".join(chr(c) for c in rng.integers(33, 127, 998)))
+    train = TokenData(prepare_data(str(tmp_path / "t.txt"), load_tokenizer("bytes"), text_format="lines",
+                                   val_fraction=0.0, progress=False), "train")
+    stream = train.read(0, len(train)).tolist()
+    T, B = 10, 3
+    batches = Batches(train, T, B, seed=5, shift_windows=True)
+    assert batches.n_windows == (len(stream) - T) // T  # fits at any offset below T
+    offsets = []
+    for epoch in range(4):
+        starts = []
+        for _ in range(batches.batches_per_epoch):
+            (batch,) = batches.next()
+            assert torch.equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:])
+            for row, target in zip(batch["input_ids"].tolist(), batch["targets"][:, -1].tolist()):
+                start = next(s for s in range(len(stream) - T) if stream[s:s + T] == row)
+                assert stream[start + T] == target
+                starts.append(start)
+        offset = starts[0] % T
+        assert all(s % T == offset for s in starts)  # one tiling per epoch, each window once
+        assert len(set(starts)) == len(starts) and max(starts) + T + 1 <= len(stream)
+        offsets.append(offset)
+    assert offsets[0] == 0 and len(set(offsets)) > 1  # the first epoch is the fixed tiling; later ones move
+    fixed = Batches(train, T, B, seed=5)
+    assert fixed.n_windows == (len(stream) - 1) // T  # off: the tiling of every earlier run
+    straight = Batches(train, T, B, seed=5, shift_windows=True)
+    expected = [straight.next()[0]["input_ids"] for _ in range(100)]
+    interrupted = Batches(train, T, B, seed=5, shift_windows=True)
+    for _ in range(70):
+        interrupted.next()
+    resumed = Batches(train, T, B, seed=5, shift_windows=True)
+    resumed.load_state(interrupted.state())
+    assert all(torch.equal(resumed.next()[0]["input_ids"], e) for e in expected[70:])
+
+
 def test_ranks_and_accumulation_split_the_same_global_batch(tmp_path):
     train = token_data(tmp_path, 2000)
     single = Batches(train, 8, 8, seed=1)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,22 @@ def test_a_learning_rate_grid_picks_the_best_rate_records_divergence_and_checks_
     assert "## Learning rate" in text and "diverged" in text.split("## Learning rate")[1]
     assert ("The ranking holds at every size" in text) == report.transfer(report.Study(experiment))[0]
     assert {"learning_rate.png", "transfer.png"} <= {f.name for f in files}
+
+
+def test_the_transfer_sentence_ranks_only_variants_scored_at_every_size(monkeypatch):
+    scores = {"small": {"baseline": 1.30, "muon": 1.10, "alibi": 1.20},
+              "large": {"baseline": 1.25, "muon": math.nan, "alibi": 1.15}}  # muon not yet run at "large"
+    monkeypatch.setattr(report, "verdict", lambda study, size: pd.DataFrame(
+        {"variant": list(scores[size]), "bpb_mean": list(scores[size].values())}))
+    study = types.SimpleNamespace(experiment=types.SimpleNamespace(size_labels=["small", "large"]))
+    holds, sentence = report.transfer(study)
+    assert holds and sentence == ("The ranking holds at every size: alibi < baseline (lowest bits per byte first) "
+                                  "(muon: not yet scored at every size).")
+    scores["large"].update(muon=1.18, alibi=1.16)
+    holds, sentence = report.transfer(study)
+    assert not holds and sentence.startswith("The ranking changes with size: small: muon < alibi < baseline; "
+                                             "large: alibi < muon < baseline (Kendall tau")
+    assert sentence.endswith(": 0.33).")
 
 
 def test_a_best_rate_at_the_edge_of_the_grid_is_inconclusive():

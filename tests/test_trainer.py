@@ -129,6 +129,20 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(workspace):
                        atol=1e-6, equal_nan=True)
 
 
+def test_shifted_windows_reach_the_loader_and_resume_exactly_across_an_epoch(workspace):
+    batch = dict(batch_size=64, max_steps=18, log_every=1, eval_every=9, save_every=6)
+    train_data = data.TokenData(data.prepare_data(str(workspace), load_tokenizer("bytes"), progress=False), "train")
+    per_epoch = data.Batches(train_data, 32, 64, seed=0, shift_windows=True).batches_per_epoch
+    assert 2 <= per_epoch <= 18 - 4  # the run crosses into a second epoch, and is stopped inside it
+    fixed = log(run(workspace, name="fixed", **batch))
+    shifted = log(run(workspace, name="shifted", shift_windows=True, **batch))
+    assert not np.allclose(fixed["train_loss"], shifted["train_loss"], rtol=0, atol=1e-3)
+    run(workspace, name="resumed", shift_windows=True, stop_at=per_epoch + 3, **batch)
+    resumed = log(run(workspace, name="resumed", shift_windows=True, resume=True, **batch))
+    assert np.allclose(shifted[EXACT_COLUMNS].to_numpy(float), resumed[EXACT_COLUMNS].to_numpy(float),
+                       atol=1e-6, equal_nan=True)
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(workspace, monkeypatch):
     straight = log(run(workspace, name="straight"))
     real_step = trainer.train_step

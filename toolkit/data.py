@@ -481,13 +481,14 @@ class TokenData:
 
 # --- batches ---
 
-def read_windows(data: TokenData, windows, seq_len: int, with_doc_ids=False) -> dict:
-    """The batch of windows number `windows` (window w = tokens w*seq_len .. (w+1)*seq_len + 1):
+def read_windows(data: TokenData, windows, seq_len: int, with_doc_ids=False, offset: int = 0) -> dict:
+    """The batch of windows number `windows` (window w = tokens offset + w*seq_len .. + seq_len + 1):
     input_ids, targets shifted by one, and the document of each input token if asked for."""
-    tokens = torch.from_numpy(np.stack([data.read(int(w) * seq_len, seq_len + 1) for w in windows]))
+    starts = [offset + int(w) * seq_len for w in windows]
+    tokens = torch.from_numpy(np.stack([data.read(start, seq_len + 1) for start in starts]))
     batch = {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}
     if with_doc_ids:
-        batch["doc_ids"] = torch.from_numpy(np.stack([data.doc_ids(int(w) * seq_len, seq_len) for w in windows]))
+        batch["doc_ids"] = torch.from_numpy(np.stack([data.doc_ids(start, seq_len) for start in starts]))
     return batch
 
 
@@ -495,17 +496,22 @@ class Batches:
     """Packed windows of seq_len + 1 tokens (inputs and shifted targets) over a split's token stream.
 
     The windows tile the stream; each epoch visits all of them once in an order seeded by
-    (seed, epoch). A global batch is world_size * grad_accum * batch_size windows; rank r's micro-batch
-    m takes its slice (m * world_size + r), so every rank reads different windows and together they
-    read exactly what one process with the same global batch would. `state()` / `load_state()` make
-    the position exact for resume.
+    (seed, epoch). With shift_windows, each epoch also starts the tiling at its own seeded offset in
+    [0, seq_len) (the first at 0), so a text seen for several epochs is cut into different windows each
+    time; every epoch then has the windows that fit at any offset. A global batch is
+    world_size * grad_accum * batch_size windows; rank r's micro-batch m takes its slice
+    (m * world_size + r), so every rank reads different windows and together they read exactly what
+    one process with the same global batch would. `state()` / `load_state()` make the position exact
+    for resume.
     """
 
     def __init__(self, data: TokenData, seq_len: int, batch_size: int, seed: int, grad_accum: int = 1,
-                 rank: int = 0, world_size: int = 1, doc_ids: bool = False):
+                 rank: int = 0, world_size: int = 1, doc_ids: bool = False, shift_windows: bool = False):
         self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
         self.grad_accum, self.rank, self.world_size, self.with_doc_ids = grad_accum, rank, world_size, doc_ids
-        self.n_windows = (len(data) - 1) // seq_len
+        self.shift_windows = shift_windows
+        # a shifted tiling must fit at any offset up to seq_len - 1
+        self.n_windows = (len(data) - (seq_len if shift_windows else 1)) // seq_len
         self.global_batch = world_size * grad_accum * batch_size
         self.batches_per_epoch = self.n_windows // self.global_batch
         if self.batches_per_epoch == 0:
@@ -514,21 +520,27 @@ class Batches:
                             f"use more data or a smaller batch_size/context_length")
         self.epoch, self.index, self._order = 0, 0, None
 
-    def order(self) -> torch.Tensor:
+    def order(self) -> tuple[torch.Tensor, int]:
+        """This epoch's window order and the offset of its tiling."""
         if self._order is None or self._order[0] != self.epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            self._order = (self.epoch, torch.randperm(self.n_windows, generator=generator))
-        return self._order[1]
+            order = torch.randperm(self.n_windows, generator=generator)
+            offset = 0
+            if self.shift_windows and self.epoch > 0:
+                offset = int(torch.randint(self.seq_len, (1,), generator=generator))
+            self._order = (self.epoch, order, offset)
+        return self._order[1], self._order[2]
 
     def next(self) -> list[dict]:
         """This rank's grad_accum micro-batches of the next global batch."""
-        windows = self.order()[self.index * self.global_batch:(self.index + 1) * self.global_batch]
+        order, offset = self.order()
+        windows = order[self.index * self.global_batch:(self.index + 1) * self.global_batch]
         micro = [windows[(m * self.world_size + self.rank) * self.batch_size:][:self.batch_size]
                  for m in range(self.grad_accum)]
         self.index += 1
         if self.index == self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        return [read_windows(self.data, w, self.seq_len, self.with_doc_ids) for w in micro]
+        return [read_windows(self.data, w, self.seq_len, self.with_doc_ids, offset) for w in micro]
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

@@ -147,20 +147,26 @@ def noise_floor(study: Study, size: str) -> tuple[float, float, int]:
 
 
 def transfer(study: Study) -> tuple[bool, str]:
-    """Whether the variants rank the same at every size, and a sentence that says how."""
-    rankings = {}
+    """Whether the variants rank the same at every size, and a sentence that says how. Only variants
+    scored at every size are ranked (a study half way has arms without a score yet)."""
+    scores = {}
     for size in study.experiment.size_labels:
         table = verdict(study, size)
-        rankings[size] = stats.ranking(dict(zip(table["variant"], table["bpb_mean"])))
+        scores[size] = dict(zip(table["variant"], table["bpb_mean"]))
+    scored = [v for v in scores[study.experiment.size_labels[0]]
+              if all(math.isfinite(by_variant.get(v, math.nan)) for by_variant in scores.values())]
+    rankings = {size: stats.ranking({v: by_variant[v] for v in scored}) for size, by_variant in scores.items()}
+    left_out = [v for v in scores[study.experiment.size_labels[0]] if v not in scored]
+    note = f" ({', '.join(left_out)}: not yet scored at every size)" if left_out else ""
     orders = {size: " < ".join(order) for size, order in rankings.items()}
     sizes = list(rankings)
     holds = len({tuple(r) for r in rankings.values()}) == 1
     if holds:
-        return True, f"The ranking holds at every size: {orders[sizes[0]]} (lowest bits per byte first)."
+        return True, f"The ranking holds at every size: {orders[sizes[0]]} (lowest bits per byte first){note}."
     tau = stats.kendall_tau(rankings[sizes[0]], rankings[sizes[-1]])
     listed = "; ".join(f"{size}: {order}" for size, order in orders.items())
     return False, (f"The ranking changes with size: {listed} (Kendall tau between the smallest and the largest: "
-                   f"{tau:.2f}).")
+                   f"{tau:.2f}){note}.")
 
 
 # --- reading the runs' logs ---

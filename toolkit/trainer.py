@@ -199,7 +199,7 @@ def build_run(model_cfg, cfg, env, out, resume, stop_at, command, progress_bar) 
     model = Model(model_cfg).to(device)
     seq_len = model_cfg.context_length
     batches = Batches(train_data, seq_len, cfg.batch_size, cfg.seed, cfg.grad_accum, env.rank, env.world_size,
-                      cfg.doc_masking)
+                      cfg.doc_masking, cfg.shift_windows)
     # eval_batches global batches (so the set does not depend on how a batch is spread over processes),
     # run batch_size sequences at a time.
     val_set = validation_batches(val_data, seq_len, cfg.batch_size, cfg.eval_batches * batches.global_batch,
