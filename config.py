@@ -314,7 +314,8 @@ PRESETS = {
 class TrainConfig(Settings):
     """How to train: data, tokenizer, optimisation, evaluation and logging. `python train.py` uses
     these defaults, with any preset; override any of them with --field=value. The optimisation defaults
-    (Muon at 8e-3, cosine to lr / 10, 1,600 steps of 16 x 256) are the recipe the zoo's study chose."""
+    (Muon at 8e-3, weight decay 0.3, cosine to lr / 10, 1,600 steps of 16 x 256) are the recipe the zoo's
+    studies chose (trained/README.md)."""
     name: str = "Llama3_1m"  # run folder trained/NAME (may nest: study/variant/seed0); default with --preset: its name
     data: str = "tinystories-sample"  # shipped tinystories-sample|shakespeare; hub tinystories|fineweb-edu|hf:ID; globs
     text_format: str = "auto"  # .txt layout: auto | documents (<|endoftext|> lines) | lines | whole
@@ -333,7 +334,7 @@ class TrainConfig(Settings):
     warmup_steps: int = 100  # steps of linear warmup from 0 to lr
     decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays to min_lr
     optimizer: str = "muon"  # adamw | muon (Muon for hidden matrices, AdamW for the rest): toolkit/optim.py
-    weight_decay: float = 0.1  # on matrices only: never on norms, biases or embeddings
+    weight_decay: float = 0.3  # on matrices only: never on norms, biases or embeddings
     muon_lr: float | None = None  # muon: the hidden matrices' peak rate (None: lr); the schedule scales it too
     muon_momentum: float = 0.95  # muon: momentum of the hidden matrices' updates
     muon_adjust_lr: str = "match_rms_adamw"  # muon: match_rms_adamw (AdamW's rate carries over) | original
