@@ -346,6 +346,9 @@ def test_the_transfer_sentence_ranks_only_variants_scored_at_every_size(monkeypa
     holds, sentence = report.transfer(study)
     assert holds and sentence == ("The ranking holds at every size: alibi < baseline (lowest bits per byte first) "
                                   "(muon: not yet scored at every size).")
+    scores["large"].update(alibi=math.nan)  # only the baseline scored at "large": nothing to rank
+    assert report.transfer(study) == (False, "No ranking across sizes yet: fewer than two variants are scored at "
+                                             "every size (muon, alibi: not yet scored at every size).")
     scores["large"].update(muon=1.18, alibi=1.16)
     holds, sentence = report.transfer(study)
     assert not holds and sentence.startswith("The ranking changes with size: small: muon < alibi < baseline; "

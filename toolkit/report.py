@@ -158,6 +158,8 @@ def transfer(study: Study) -> tuple[bool, str]:
     rankings = {size: stats.ranking({v: by_variant[v] for v in scored}) for size, by_variant in scores.items()}
     left_out = [v for v in scores[study.experiment.size_labels[0]] if v not in scored]
     note = f" ({', '.join(left_out)}: not yet scored at every size)" if left_out else ""
+    if len(scored) < 2:
+        return False, f"No ranking across sizes yet: fewer than two variants are scored at every size{note}."
     orders = {size: " < ".join(order) for size, order in rankings.items()}
     sizes = list(rankings)
     holds = len({tuple(r) for r in rankings.values()}) == 1
