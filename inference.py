@@ -3,7 +3,8 @@
     python inference.py NAME "prompt 1" "prompt 2" --temp=0.7 --min_p=0.05 --top_k=None --max_len=100
     python inference.py NAME                      # prompt loop: type prompts, /temp 0.5, /help, /quit
 
-NAME is a trained/ model name or checkpoint folder, or a Hugging Face GPT-2 or Llama id or directory.
+NAME is a trained/ model name or checkpoint folder, or a Hugging Face id or directory of GPT-2, Llama, Mistral,
+Qwen2 or Qwen3.
 One prompt streams its text as it is produced; several are generated together as one batch; none (or
 --interactive) opens a prompt loop that keeps the model loaded. Samplers run in the order repetition
 penalty, temperature, top-k, top-p, min-p (see toolkit/sampling.py); None switches one off.

@@ -49,7 +49,8 @@ def model_path(name_or_path: str) -> Path:
 
 def load_model(name_or_path: str, device="cpu"):
     """(model in eval mode, tokenizer or None) for a trained/ name or folder, or a Hugging Face GPT-2
-    or Llama checkpoint (hub id such as "gpt2" or "meta-llama/Llama-3.2-1B", or a local directory).
+    or Llama-family checkpoint (hub id such as "gpt2", "meta-llama/Llama-3.2-1B" or "Qwen/Qwen3-0.6B", or a local
+    directory).
     A checkpoint that recorded its tokenizer is refused in one line if that tokenizer has changed since;
     a Hugging Face checkpoint without tokenizer files comes with None."""
     path = model_path(name_or_path)

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 and Llama checkpoints to and from the project's Model.
+"""Hugging Face checkpoints (GPT-2 and the Llama family: Llama, Mistral, Qwen2, Qwen3) to and from the
+project's Model.
 
 Weights are read straight from a checkpoint's safetensors (or, for old repos, `weights_only`
 torch files), so a conversion never holds two copies of a big model. Exports go through
@@ -57,21 +58,25 @@ def read_hf_weights(directory: Path) -> dict:
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "gelu_python_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh",
                   "relu": "relu", "silu": "silu", "swish": "silu", "relu2": "relu2"}
+# model_type -> the transformers config class that reads its config.json
+HF_CONFIGS = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+              "qwen3": "Qwen3Config"}
+
+
 def read_hf_config(directory: Path):
-    """config.json as transformers' own GPT2Config or LlamaConfig, so that a field the file leaves out
+    """config.json as transformers' own config class (HF_CONFIGS), so that a field the file leaves out
     takes the default that transformers' model uses."""
-    from transformers import GPT2Config, LlamaConfig
+    import transformers
     from transformers.utils import logging
     hf = json.loads((directory / "config.json").read_text())
     kind = hf.get("model_type")
-    classes = {"gpt2": GPT2Config, "llama": LlamaConfig}
-    if kind not in classes:
-        raise LoadError(f"model_type {kind!r} is not supported: "
-                        f"only GPT-2 ('gpt2') and Llama ('llama') checkpoints convert")
+    if kind not in HF_CONFIGS:
+        raise LoadError(f"model_type {kind!r} is not supported: the checkpoints that convert are "
+                        f"{', '.join(map(repr, HF_CONFIGS))}")
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # not its warnings about bos/eos ids: the conversion does not use them
     try:
-        return classes[kind].from_dict(hf)
+        return getattr(transformers, HF_CONFIGS[kind]).from_dict(hf)
     except (ValueError, TypeError, KeyError) as e:
         raise LoadError(f"{directory}/config.json is not a valid {kind} config: "
                         f"{' '.join(str(e).split())[:200]}") from None
@@ -106,8 +111,42 @@ def rope_settings(hf):
     return theta, {k: params[k] for k in keys}
 
 
+def biased_projections(hf) -> set:
+    """The projections of a Llama-family checkpoint that have biases: Llama's attention_bias and mlp_bias,
+    Qwen2's query, key and value (always, and nothing else), none in Mistral."""
+    if hf.model_type == "qwen2":
+        return {"q", "k", "v"}
+    attention = {"q", "k", "v", "o"} if getattr(hf, "attention_bias", False) else set()
+    return attention | ({"gate", "up", "down"} if getattr(hf, "mlp_bias", False) else set())
+
+
+def hf_layer_windows(hf) -> list:
+    """Each layer's sliding window (None: full attention): Mistral's one window on every layer, Qwen's on the
+    layers its layer_types mark sliding (transformers derives those from use_sliding_window and
+    max_window_layers when config.json does not list them); Llama has none."""
+    window = getattr(hf, "sliding_window", None)
+    if hf.model_type == "mistral":
+        return [window] * hf.num_hidden_layers
+    types = getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers
+    for kind in set(types) - {"full_attention", "sliding_attention"}:
+        refuse(True, "layer_types", kind, "is not supported (only 'full_attention' and 'sliding_attention')")
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
+def window_settings(windows: list) -> dict:
+    """ModelConfig fields for per-layer windows: one sliding_window when every layer has the same, else
+    per-layer overrides of the layers that have one."""
+    if len(set(windows)) == 1:
+        return {"sliding_window": windows[0]}
+    by_size = {}
+    for index, window in enumerate(windows):
+        if window is not None:
+            by_size.setdefault(window, []).append(str(index))
+    return {"layers": {",".join(indices): {"sliding_window": window} for window, indices in by_size.items()}}
+
+
 def config_from_hf(hf) -> ModelConfig:
-    """The ModelConfig equal to a transformers GPT2Config or LlamaConfig. Every field that changes the maths
+    """The ModelConfig equal to a transformers config of HF_CONFIGS. Every field that changes the maths
     is either matched (some in the weights: see gpt2_to_project and llama_to_project) or refused by name."""
     if hf.model_type == "gpt2":
         # scale_attn_weights and scale_attn_by_inverse_layer_idx are folded into the query weights;
@@ -120,8 +159,8 @@ def config_from_hf(hf) -> ModelConfig:
             activation=activation_of(hf, "activation_function"),
             norm_eps=hf.layer_norm_epsilon, embed_dropout=hf.embd_pdrop, attn_dropout=hf.attn_pdrop,
             resid_dropout=hf.resid_pdrop, tie_embeddings=hf.tie_word_embeddings)
-    # pretraining_tp (transformers 4) only slices the same matmuls; attention_bias and mlp_bias differing
-    # is one `bias` here with the missing biases zero (llama_to_project)
+    # pretraining_tp (transformers 4) only slices the same matmuls; biases on some projections only are one
+    # `bias` here with the missing biases zero (llama_to_project)
     theta, scaling = rope_settings(hf)
     n_heads = hf.num_attention_heads
     return ModelConfig.preset(
@@ -129,8 +168,9 @@ def config_from_hf(hf) -> ModelConfig:
         n_layers=hf.num_hidden_layers, n_heads=n_heads, n_kv_heads=hf.num_key_value_heads or n_heads,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // n_heads, mlp_hidden=hf.intermediate_size,
         activation=activation_of(hf, "hidden_act"), norm_eps=hf.rms_norm_eps, rope_theta=float(theta),
-        rope_scaling=scaling, bias=bool(hf.attention_bias or getattr(hf, "mlp_bias", False)),
-        tie_embeddings=hf.tie_word_embeddings, attn_dropout=hf.attention_dropout)
+        rope_scaling=scaling, bias=bool(biased_projections(hf)), qk_norm=hf.model_type == "qwen3",
+        tie_embeddings=hf.tie_word_embeddings, attn_dropout=hf.attention_dropout,
+        **window_settings(hf_layer_windows(hf)))
 
 
 def gpt2_query_scale(hf, layer: int) -> float:
@@ -170,29 +210,33 @@ def llama_to_project(sd: dict, cfg: ModelConfig, hf) -> dict:
     if not cfg.tie_embeddings:
         out["head.weight"] = sd["lm_head.weight"]
 
-    def get(name, has_bias):  # a bias the checkpoint does not have is zero
-        if name.endswith(".bias") and not has_bias:
+    biased = biased_projections(hf)
+
+    def get(module, projection, suffix):  # a bias the checkpoint does not have is zero
+        name = f"{module}.{projection}_proj.{suffix}"
+        if suffix == "bias" and projection not in biased:
             return torch.zeros(sd[name.removesuffix(".bias") + ".weight"].shape[0])
         return sd[name]
 
-    attention_bias, mlp_bias = hf.attention_bias, getattr(hf, "mlp_bias", False)
     for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        out[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[f"layers.{i}.mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        p, ours = f"model.layers.{i}.", f"layers.{i}."
+        out[ours + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[ours + "mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        if cfg.qk_norm:  # Qwen3's per-head norms of queries and keys, before the rotation as here
+            out[ours + "attention.q_norm.weight"] = sd[p + "self_attn.q_norm.weight"]
+            out[ours + "attention.k_norm.weight"] = sd[p + "self_attn.k_norm.weight"]
+        attention, mlp = p + "self_attn", p + "mlp"
         for suffix in ("weight", "bias") if cfg.bias else ("weight",):
             # Our fused matrices: qkv = [q; k; v] and the gated MLP's up = [gate; up].
-            out[f"layers.{i}.attention.qkv.{suffix}"] = torch.cat(
-                [get(f"{p}self_attn.{n}_proj.{suffix}", attention_bias) for n in ("q", "k", "v")])
-            out[f"layers.{i}.mlp.up.{suffix}"] = torch.cat(
-                [get(f"{p}mlp.{n}_proj.{suffix}", mlp_bias) for n in ("gate", "up")])
-            out[f"layers.{i}.attention.out.{suffix}"] = get(f"{p}self_attn.o_proj.{suffix}", attention_bias)
-            out[f"layers.{i}.mlp.down.{suffix}"] = get(f"{p}mlp.down_proj.{suffix}", mlp_bias)
+            out[f"{ours}attention.qkv.{suffix}"] = torch.cat([get(attention, n, suffix) for n in ("q", "k", "v")])
+            out[f"{ours}mlp.up.{suffix}"] = torch.cat([get(mlp, n, suffix) for n in ("gate", "up")])
+            out[f"{ours}attention.out.{suffix}"] = get(attention, "o", suffix)
+            out[f"{ours}mlp.down.{suffix}"] = get(mlp, "down", suffix)
     return out
 
 
 def load_hf_model(name_or_path: str, device="cpu", dtype=torch.float32) -> Model:
-    """A Hugging Face GPT-2 or Llama checkpoint (hub id or local directory) as the project's Model."""
+    """A Hugging Face checkpoint of HF_CONFIGS (hub id or local directory) as the project's Model."""
     directory = hf_directory(name_or_path)
     hf = read_hf_config(directory)
     try:
