@@ -70,8 +70,9 @@ def numbers(text: str, kind, option: str) -> list:
     try:
         return [kind(part) for part in text.split(",")]
     except ValueError:
-        raise ExperimentError(f"--{option}={text!r} is not valid: "
-                              f"expected {kind.__name__}s separated by commas") from None
+        what = "whole numbers" if kind is int else "numbers"
+        raise ExperimentError(f"--{option}={text!r} is not valid: expected {what} separated by commas, "
+                              f"e.g. --{option}={'0,1,2' if kind is int else '1e-3,2e-3'}") from None
 
 
 def plan_values(options: dict, values: dict) -> dict:
@@ -100,14 +101,16 @@ def parse(argv: list[str]) -> tuple[Experiment, set, dict]:
     """(the experiment, flags, run options) from the command line."""
     file = argv[0] if argv and not argv[0].startswith("--") else None
     texts, flags = split_arguments(argv[1:] if file else argv, FLAGS)
-    model, train, options = route_overrides(texts, PLAN_OPTIONS + RUN_OPTIONS)
+    model, train, options = route_overrides(texts, PLAN_OPTIONS + RUN_OPTIONS, FLAGS)
     if file is None and not {"base", "vary", "budget"} <= set(options):
         raise ExperimentError("give an experiment file (see experiments/), or --base, --vary and --budget")
     values = plan_values(options, read_plan(file) if file else {})
     values["model"] = {**values.get("model", {}), **model}
     values["train"] = {**values.get("train", {}), **train}
-    run_options = {"parallel": numbers(options.get("parallel", "1"), int, "parallel")[0],
-                   "executor": options.get("executor"), "prune": options.get("prune")}
+    parallel = options.get("parallel", "1")
+    if not parallel.strip().isdigit():
+        raise ExperimentError(f"--parallel={parallel!r} is not valid: give how many runs at a time, e.g. --parallel=2")
+    run_options = {"parallel": int(parallel), "executor": options.get("executor"), "prune": options.get("prune")}
     if run_options["prune"] not in (None, "all"):
         raise ExperimentError(f"--prune={run_options['prune']!r} is not valid: --prune keeps one seed's weights per "
                               f"variant, --prune=all none")

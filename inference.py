@@ -11,7 +11,6 @@ penalty, temperature, top-k, top-p, min-p (see toolkit/sampling.py); None switch
 Generation stops at the tokenizer's EOS or after max_len new tokens. Past the model's context, the
 window restarts on its last half (see toolkit/generate.py), so max_len has no upper limit.
 """
-import argparse
 import dataclasses
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 
 import tools
 from config import ConfigError, closest
-from toolkit.cli import parse_value, protect_output
+from toolkit.cli import Parser, parse_value, protect_output
 from toolkit.generate import GenerationError, GenerationSettings, TextStream, generate
 from toolkit.tokenizer import TokenizerError
 
@@ -49,16 +48,10 @@ def updated(settings: GenerationSettings, texts: dict[str, str]) -> GenerationSe
     return dataclasses.replace(settings, **{name: parse_value(SETTINGS[name], text) for name, text in texts.items()})
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, instead of the usage text and then the error
-        self.exit(2, f"error: {message} (see python inference.py --help)\n")
-
-
 def parse_args(argv):
     """(arguments, GenerationSettings); bad values end the program with one line naming the option."""
-    # No abbreviations: a typo is an error with a suggestion, not another option taken silently.
-    parser = Parser(usage="python inference.py MODEL [PROMPT ...] [--option=value ...]", description=__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = Parser("python inference.py", usage="python inference.py MODEL [PROMPT ...] [--option=value ...]",
+                    description=__doc__)
     # Optional only for the parser, whose own message would also call the prompts required.
     parser.add_argument("model", nargs="?", help="trained/ name, checkpoint folder, or Hugging Face id or directory")
     parser.add_argument("prompts", nargs="*", help="prompts generated together; none opens the prompt loop")
@@ -70,9 +63,7 @@ def parse_args(argv):
     parser.add_argument("--show_tokens", action="store_true", help="show token boundaries and ids of the text")
     parser.add_argument("--no_cache", action="store_true", help="recompute every token without the KV cache (slow)")
     parser.add_argument("--interactive", action="store_true", help="open the prompt loop (after any prompts)")
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        parser.exit(2, f"error: {unknown_option(unknown[0], parser)}\n")
+    args = parser.parse_args(argv)
     if args.model is None:
         parser.error("name a model: a trained/ name, a checkpoint folder, or a Hugging Face id or directory")
     try:
@@ -88,13 +79,6 @@ def parse_args(argv):
     if not available.get(args.device.type, False):
         parser.exit(2, f"error: --device={args.device} is not available here: use --device=cpu\n")
     return args, settings
-
-
-def unknown_option(text: str, parser: argparse.ArgumentParser) -> str:
-    """The one line for an option the parser does not know, with the closest one it does."""
-    name = text.partition("=")[0]
-    known = [option[2:] for action in parser._actions for option in action.option_strings if option.startswith("--")]
-    return f"unknown setting {name}{closest(name.lstrip('-'), known)}; see python inference.py --help"
 
 
 @dataclasses.dataclass
@@ -178,8 +162,8 @@ class Session:
             try:
                 self.settings = updated(self.settings, {name: value.strip()})
                 print(f"{name}={getattr(self.settings, name)}")
-            except ConfigError as e:
-                print(f"error: {e}", file=sys.stderr)
+            except ConfigError as e:  # said as the user typed it: /top_k, not --top_k
+                print(f"error: {str(e).replace(f'--{name}=', f'/{name} ', 1)}", file=sys.stderr)
         return True
 
     def describe(self) -> str:

@@ -14,7 +14,6 @@ bits_per_byte.png. A model that fails (cannot load, wrong tokenizer, scoring err
 one-line error; the others are still compared and written. The functions serve
 model_comparison.ipynb too.
 """
-import argparse
 import math
 import sys
 import textwrap
@@ -26,7 +25,7 @@ import torch
 import tools
 from toolkit import checkpoint
 from toolkit.checkpoint import TRAIN_CONFIG, read_json
-from toolkit.cli import protect_output
+from toolkit.cli import Parser, protect_output
 from toolkit.data import read_documents
 from toolkit.generate import GenerationSettings, generate
 from toolkit.metrics import score, text_batches, token_byte_lengths
@@ -315,8 +314,8 @@ def write_report(table: pd.DataFrame, generations: dict, out: Path, source: str,
 
 def main(argv=None):
     protect_output()  # `| head` closing the pipe ends the output, never with a traceback
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="trained/ names or folders, or Hugging Face GPT-2/Llama ids")
+    parser = Parser("python model_comparison.py", description=__doc__)
+    parser.add_argument("models", nargs="+", help="trained/ names or folders, or Hugging Face ids or folders")
     parser.add_argument("--data", default="tinystories-heldout",
                         help="the held-out text: a shipped name (tinystories-heldout: 650 stories no shipped model or "
                              "tokenizer saw) or a txt/jsonl/parquet file (or folder, glob)")

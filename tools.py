@@ -57,18 +57,32 @@ def load_model(name_or_path: str, device="cpu"):
     if is_checkpoint(path):
         model, train_config = load_checkpoint(path, device)
         return model, checkpoint_tokenizer(path, train_config)
+    if path.is_dir() and not (path / "config.json").is_file():  # a study's folder, or a run not yet saved
+        raise LoadError(folder_without_model(name_or_path, path))
     in_trained = (checkpoint.TRAINED / name_or_path.split("/")[0]).is_dir()  # an experiment's nested name
-    if not path.is_dir() and ("/" not in name_or_path or in_trained) and name_or_path not in HF_GPT2:
+    hub_id = name_or_path.count("/") == 1 and not in_trained or name_or_path in HF_GPT2  # owner/name
+    if not path.is_dir() and not hub_id:
         known = trained_names()
         shown = ", ".join(known[:12]) + (f" and {len(known) - 12} more" if len(known) > 12 else "")
         raise LoadError(f"no model {name_or_path!r}{closest(name_or_path, known)}: trained/ has "
                         f"{shown or 'nothing yet'}; Hugging Face ids look like owner/name or {HF_GPT2[0]}")
-    directory = hf_directory(name_or_path)
+    directory = hf_directory(str(path) if path.is_dir() else name_or_path)
     model = load_hf_model(str(directory), device)
     if not has_tokenizer_files(directory):
         return model, None
     return model, load_tokenizer("gpt2" if name_or_path == "gpt2"
                                  else f"hf:{directory if path.is_dir() else name_or_path}")
+
+
+def folder_without_model(name: str, path: Path) -> str:
+    """What a folder that holds no model (no checkpoint, no config.json) holds instead, in one line."""
+    inside = sorted(p.parent.relative_to(path).as_posix() for p in path.rglob(checkpoint.MODEL_CONFIG))
+    if not inside:
+        return (f"{name} is a folder without a model in it (no {checkpoint.MODEL_CONFIG} or config.json): "
+                f"a run saves one at its first checkpoint")
+    shown = ", ".join(f"{name.rstrip('/')}/{run}" for run in inside[:6]) + (
+        f" and {len(inside) - 6} more" if len(inside) > 6 else "")
+    return f"{name} is a folder of models, not one: name one of them, e.g. {shown}"
 
 
 def no_tokenizer_error(name_or_path: str) -> LoadError:

@@ -38,7 +38,7 @@ OPTIONS = tuple(name.partition("=")[0] for name in RUN_OPTIONS if "=" in name)
 def configs(argv: list[str], vocab_from_tokenizer: bool = True):
     """(ModelConfig, TrainConfig, flags, stop_at) from the command line and config.py's defaults."""
     values, flags = split_arguments(argv, FLAGS)
-    model_overrides, train_overrides, options = route_overrides(values, OPTIONS)
+    model_overrides, train_overrides, options = route_overrides(values, OPTIONS, FLAGS)
     stop_at = options.get("stop_at")
     if stop_at is not None:
         if not re.fullmatch(r"[+-]?\d+", stop_at.strip()):
@@ -79,7 +79,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         if "--help" in argv or "-h" in argv:
-            model_cfg, train_cfg, _, _ = configs([a for a in argv if a not in ("--help", "-h")], False)
+            rest = [a for a in argv if a not in ("--help", "-h")]
+            try:  # the vocab_size the run would take: the tokenizer's
+                model_cfg, train_cfg, _, _ = configs(rest)
+            except (TokenizerError, DataError, LoadError):  # help still shows, with config.py's vocab_size
+                model_cfg, train_cfg, _, _ = configs(rest, False)
             print(__doc__ + "\n" + describe_settings(model_cfg, train_cfg, RUN_OPTIONS))
             return
         model_cfg, train_cfg, flags, stop_at = configs(argv)

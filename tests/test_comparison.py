@@ -125,6 +125,18 @@ def test_bad_inputs_are_one_line_before_any_work(trained, capsys, monkeypatch, c
     assert loaded == []  # nothing was loaded or scored
 
 
+@pytest.mark.parametrize("option, message", [
+    ("--ouput=x", "error: unknown setting --ouput (did you mean out?); see python model_comparison.py --help"),
+    ("--dat=x", "error: unknown setting --dat (did you mean data?)"),  # no abbreviation taken silently
+    ("--max_len=abc", "error: argument --max_len: invalid int value: 'abc'; see python model_comparison.py --help"),
+])
+def test_bad_options_are_one_line_with_the_closest_option(capsys, option, message):
+    with pytest.raises(SystemExit) as exit_info:
+        mc.main(["bytes16", option])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith(message) and error.count("\n") == 1, error
+
+
 def test_the_command_line_writes_the_files_it_promises(tmp_path, monkeypatch, capsys):
     """Two models really trained (a few steps), compared from their own logs."""
     from toolkit.trainer import train

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from toolkit.experiment import (
     reached_end,
     run_experiment,
     run_spec,
+    run_with_submitit,
 )
 from toolkit.metrics import score, text_batches, token_byte_lengths
 
@@ -186,6 +188,13 @@ def test_runs_are_ordinary_trained_models_with_nested_names(study, capsys):
     assert "Tom saw" in capsys.readouterr().out
     with pytest.raises(tools.LoadError, match="no model 'study/baseline/seed9' .did you mean study/baseline/seed"):
         tools.load_model("study/baseline/seed9")
+    # A study's folder is not a model (nor a hub id to download): it names the models inside.
+    for folder in ("study", "study/baseline"):
+        with pytest.raises(tools.LoadError, match=f"^{folder} is a folder of models, not one: name one of them, "
+                                                  f"e.g. study/baseline/seed0"):
+            tools.load_model(folder)
+    with pytest.raises(tools.LoadError, match="^no model 'nostudy/baseline/seed0'"):  # two slashes: never a hub id
+        tools.load_model("nostudy/baseline/seed0")
     for bad in ("../outside", "/absolute", "a//b", "a/./b", ""):
         with pytest.raises(ConfigError, match="must be a folder name under trained/"):
             TrainConfig(name=bad)
@@ -401,6 +410,13 @@ def test_the_command_line_without_a_file_plans_one_variant_per_value(workspace, 
     (["--base=llama3-1m", "--vary", "norm=rmsnorm", "--budget=steps:3", "--lr_grid=1e-3,2e-3", "--lr=1e-3"],
      "[train] sets lr, which lr_grid chooses"),
     (["missing.toml"], "cannot read missing.toml"),
+    (["--base=llama3-1m", "--vary", "norm=rmsnorm", "--budget=flops:abc"], "--budget='flops:abc' is not valid: write "
+                                                                            "KIND:AMOUNT"),
+    (["--base=llama3-1m", "--vary", "norm=rmsnorm", "--budget=steps:3", "--parallel=zero"],
+     "--parallel='zero' is not valid: give how many runs at a time, e.g. --parallel=2"),
+    (["--base=llama3-1m", "--vary", "norm=rmsnorm", "--budget=steps:3", "--seeds=a"],
+     "--seeds='a' is not valid: expected whole numbers separated by commas, e.g. --seeds=0,1,2"),
+    (["--base=llama3-1m", "--vary", "norm=rmsnorm", "--budget=steps:3", "--dryrun"], "(did you mean dry_run?)"),
 ])
 def test_bad_experiments_fail_with_one_line(workspace, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -522,6 +538,15 @@ def subprocess_env(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("srun") is not None, reason="a Slurm cluster: submitit would submit for real")
+def test_the_slurm_executor_off_a_slurm_cluster_is_one_line(tmp_path):
+    pytest.importorskip("submitit")
+    with pytest.raises(ExperimentError) as error:
+        run_with_submitit([], "slurm", tmp_path, {}, print)
+    assert str(error.value).startswith("--executor=slurm: ") and "leave --executor out" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 def test_parallel_subprocesses_and_the_submitit_local_executor_give_the_same_results(workspace):
     pytest.importorskip("submitit")
     results = {}

@@ -215,6 +215,8 @@ def test_missing_directory_and_offline_hub_give_one_line_errors(tmp_path, monkey
     (tmp_path / "empty").mkdir()
     with pytest.raises(LoadError, match="no config.json"):
         load_hf_model(str(tmp_path / "empty"))
+    with pytest.raises(LoadError, match="empty is a folder without a model in it .no model_config.json or config"):
+        tools.load_model(str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     import huggingface_hub.constants

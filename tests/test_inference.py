@@ -119,7 +119,7 @@ def test_prompt_loop_changes_settings_between_prompts(checkpoint):
     # End of input ends the loop as /quit does; an error is one line, not the end of the loop.
     out = run(checkpoint, "--interactive", stdin="/temp 0\n/max_len 3\n/seed x\nA\n")
     assert out.returncode == 0, out.stderr
-    assert "error: --seed='x' is not valid: expected an integer\n" in out.stderr
+    assert "error: /seed 'x' is not valid: expected an integer\n" in out.stderr
     assert "> Ab\ufffd\n" in out.stdout
 
 

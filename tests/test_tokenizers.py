@@ -276,8 +276,14 @@ def test_display_html_and_terminal(tokenizers, capsys):
     terminal = tokenizer.display_ansi(text)
     plain = re.sub(r"\x1b\[[0-9;]*m", "", terminal).split("\n")
     assert plain[1:] == ["Once upon a <time>↵", "&", " ".join(map(str, ids))]
+    # Into a pipe or a file (capsys is neither a terminal): no colour codes, boundaries as bars.
     tokenizer.display(text)
-    assert capsys.readouterr().out == terminal + "\n"
+    piped = capsys.readouterr().out
+    assert piped == tokenizer.display_plain(text) + "\n" and "\x1b" not in piped
+    lines = piped.split("\n")
+    pieces = "\n".join(lines[1:3])[1:-1].split("|")
+    assert "".join(pieces) == "Once upon a <time>↵\n&" and len(pieces) == len(tokenizer.segments(text))
+    assert [int(i) for group in re.findall(r"\[([\d ]+)\]", lines[3]) for i in group.split()] == ids
 
 
 # --- compression ---
@@ -445,6 +451,29 @@ def test_gpt2_is_loaded_from_cache_or_says_what_to_do(monkeypatch):
     assert tokenizer.decode(tokenizer.encode(TRICKY)) == TRICKY
 
 
+def test_an_uncached_hub_tokenizer_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch):
+    import transformers
+
+    from toolkit import tokenizer as tokenizer_module
+    asked = []
+
+    def from_pretrained(name, local_files_only=False, **kwargs):
+        asked.append(local_files_only)
+        raise OSError(f"{name} is not cached")  # what transformers says when the files are not on disk
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(tokenizer_module, "hub_unreachable", lambda: "huggingface.co:443: no answer in 3 s")
+    with pytest.raises(TokenizerError) as error:
+        load_tokenizer("hf:nobody/no-such-tokenizer")
+    assert asked == [True]  # the cache only: never the hub's minute of retries
+    assert str(error.value) == ("cannot load Hugging Face tokenizer 'nobody/no-such-tokenizer': it is not cached and "
+                                "the hub cannot be reached (huggingface.co:443: no answer in 3 s); run once online "
+                                "to cache it, or pass a local folder as 'hf:/path/to/folder'")
+    monkeypatch.setattr(tokenizer_module, "hub_unreachable", lambda: None)  # online: the hub is asked
+    with pytest.raises(TokenizerError, match="is not cached"):
+        load_tokenizer("hf:nobody/no-such-tokenizer")
+    assert asked == [True, True, False]
+
+
 # --- training: the command line ---
 
 @pytest.fixture
@@ -484,16 +513,17 @@ def test_options_take_train_py_spellings_and_dashes(grammar_file, tmp_path, caps
 
 
 @pytest.mark.parametrize("typed, hint", [
-    ("--character_coverag=0.99", "unknown option --character_coverag (did you mean --character_coverage?)"),
-    ("--max-doc", "unknown option --max-doc (did you mean --max_docs?)"),
-    ("--character", "unknown option --character (did you mean --character_coverage?)"),  # no silent abbreviations
-    ("--verbos", "unknown option --verbos (did you mean --verbose?)"),
+    ("--character_coverag=0.99", "unknown setting --character_coverag (did you mean character_coverage?)"),
+    ("--max-doc", "unknown setting --max-doc (did you mean max_docs?)"),
+    ("--character", "unknown setting --character (did you mean character_coverage?)"),  # no silent abbreviations
+    ("--verbos", "unknown setting --verbos (did you mean verbose?)"),
 ])
 def test_unknown_options_get_a_hint_in_one_line(grammar_file, tmp_path, capsys, typed, hint):
     with pytest.raises(SystemExit) as exit_info:
         main(["--name", "x", "--data", str(grammar_file), "--out", str(tmp_path / "x"), typed, "1"])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.startswith(f"error: {hint}") and error.count("\n") == 1
+    assert error.endswith("; see python -m toolkit.tokenizer_training --help\n")
     assert not (tmp_path / "x").exists()
 
 

@@ -10,7 +10,7 @@ import pytest
 from config import ConfigError, ModelConfig, TrainConfig
 from conftest import ROOT
 from toolkit import checkpoint
-from toolkit.cli import field_descriptions, route_overrides, split_arguments
+from toolkit.cli import field_descriptions, route_overrides, shown, split_arguments
 from toolkit.trainer import TrainError
 from train import configs
 
@@ -113,12 +113,15 @@ def test_help_lists_the_run_options_and_every_field_with_its_default_and_descrip
     for cls in (ModelConfig, TrainConfig):
         described = field_descriptions(cls)
         for f in dataclasses.fields(cls):
-            shown = f"--{f.name}={getattr(cls(), f.name)}"
-            assert lines[shown] == described[f.name] != "", shown  # config.py's comment, the one description
+            line = f"--{f.name}={shown(getattr(cls(), f.name))}"
+            assert lines[line] == described[f.name] != "", line  # config.py's comment, the one description
     assert lines["--n_kv_heads=2"] == "None or n_heads: MHA; 1: MQA; in between: GQA"
     preset = help_lines("--preset=gpt2-1m", "--dim=64")
     assert {"--positions=learned", "--norm=layernorm", "--tie_embeddings=True", "--dim=64", "--head_dim=16",
             "--name=gpt2-1m"} <= set(preset)
+    # The values this command would use: vocab_size from its tokenizer, lr / 10 without float noise.
+    assert {"--vocab_size=259", "--lr=0.0003", "--min_lr=3e-05"} <= set(help_lines("--tokenizer=bytes", "--lr=3e-4"))
+    assert "--vocab_size=2048" in help_lines("--tokenizer=no-such-tokenizer")  # help still shows
 
 
 def test_a_preset_without_a_name_trains_into_its_own_folder():

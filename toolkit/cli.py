@@ -1,6 +1,8 @@
 """Command-line plumbing: overrides of config fields (--field=value, or --model.field / --train.field)
 parsed by each field's type with one-line errors that suggest the closest valid name; --help built from
-config.py's own comments; and console streams that survive a closed pipe or terminal."""
+config.py's own comments; the argparse parser of the scripts that take fixed options, with the same errors;
+and console streams that survive a closed pipe or terminal."""
+import argparse
 import dataclasses
 import inspect
 import io
@@ -61,8 +63,10 @@ def split_arguments(argv: list[str], flags: tuple[str, ...]) -> tuple[dict[str, 
     return values, seen_flags
 
 
-def route_overrides(values: dict[str, str], extra: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
-    """(model overrides, train overrides, extra options) parsed from raw --name=value texts."""
+def route_overrides(values: dict[str, str], extra: tuple[str, ...] = (), flags: tuple[str, ...] = ()) \
+        -> tuple[dict, dict, dict]:
+    """(model overrides, train overrides, extra options) parsed from raw --name=value texts; `flags` (the
+    command's bare --flags) are only suggested for a misspelt name."""
     model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     model, train, other = {}, {}, {}
@@ -75,9 +79,36 @@ def route_overrides(values: dict[str, str], extra: tuple[str, ...] = ()) -> tupl
         elif name in train_fields and prefix in ("", "train"):
             train[name] = parse_value(train_fields[name], text)
         else:
-            known = list(model_fields) + list(train_fields) + list(extra)
+            known = list(model_fields) + list(train_fields) + list(extra) + list(flags)
             raise ConfigError(f"unknown setting --{raw_name}{closest(name, known)}; see --help")
     return model, train, other
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's errors: one line that names the problem and the command's --help (no usage
+    block), and no abbreviations, so that a typo is an error with the closest option, never another option
+    taken silently. `command` is how the user runs it, e.g. "python inference.py"."""
+
+    def __init__(self, command: str, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        self.command = command
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.command} --help\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(self.unknown(unknown[0]))
+        return parsed
+
+    def unknown(self, text: str) -> str:
+        """What is wrong with an argument the parser does not take, and the closest option it does."""
+        flag = text.partition("=")[0]
+        if not flag.startswith("-"):
+            return f"unexpected argument {text!r}"
+        known = [option[2:] for action in self._actions for option in action.option_strings if option.startswith("--")]
+        return f"unknown setting {flag}{closest(flag.lstrip('-').replace('-', '_'), known)}"
 
 
 def field_descriptions(cls) -> dict[str, str]:
@@ -94,6 +125,11 @@ def field_descriptions(cls) -> dict[str, str]:
     return descriptions
 
 
+def shown(value) -> str:
+    """A setting as --help shows it: floats without binary rounding noise (3e-05, not 2.9999999999999997e-05)."""
+    return repr(float(f"{value:.12g}")) if isinstance(value, float) else str(value)
+
+
 def describe_settings(model_cfg, train_cfg, run_options: dict[str, str]) -> str:
     """--help: the run options, then every field with the value it would take and its description."""
     rows = [("Run options (not saved with the run):", None)]
@@ -102,7 +138,7 @@ def describe_settings(model_cfg, train_cfg, run_options: dict[str, str]) -> str:
         cls = type(cfg)
         rows.append((f"{cls.__name__} (--field=value or --{cls.__name__[:-6].lower()}.field=value):", None))
         descriptions = field_descriptions(cls)
-        rows += [(f"  --{f.name}={getattr(cfg, f.name)}", descriptions.get(f.name, ""))
+        rows += [(f"  --{f.name}={shown(getattr(cfg, f.name))}", descriptions.get(f.name, ""))
                  for f in dataclasses.fields(cls)]
     width = max(len(left) for left, text in rows if text is not None) + 2
     return "\n".join(left if text is None else f"{left:<{width}}{text}" for left, text in rows)

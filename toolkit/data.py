@@ -98,7 +98,8 @@ def resolve(spec: str) -> list[Path]:
             found = [Path(p) for p in sorted(glob.glob(os.path.expanduser(part), recursive=True)) if Path(p).is_file()]
         if not found:
             raise DataError(f"no data at {part!r}: give a dataset name ({', '.join(HUB_DATASETS)}), a shipped "
-                            f"text ({', '.join(EMBEDDED)}) or local files: {LOCAL_EXAMPLE}")
+                            f"text ({', '.join(EMBEDDED)}) or local files, folders or globs of txt, jsonl or parquet "
+                            f"(comma-separated)")
         files += found
     return files
 

@@ -100,7 +100,8 @@ class Budget:
             try:
                 value = {kind.strip(): float(amount)}
             except ValueError:
-                value = None
+                raise ExperimentError(f"--budget={value!r} is not valid: write KIND:AMOUNT with KIND one of "
+                                      f"{', '.join(BUDGETS)} and a positive number, e.g. --budget=steps:400") from None
         if not isinstance(value, dict) or len(value) != 1:
             raise ExperimentError(f"budget={value!r} is not valid: give one of {', '.join(BUDGETS)}, "
                                   f"e.g. budget = {{ flops = 3e13 }} or --budget=steps:400")
@@ -784,7 +785,11 @@ def run_with_submitit(specs: list[dict], cluster: str, folder: Path, parameters:
         import submitit
     except ImportError:
         raise ExperimentError("--executor needs the submitit package: pip install submitit") from None
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except RuntimeError as e:  # e.g. no srun: not on a Slurm cluster
+        raise ExperimentError(f"--executor={cluster}: {str(e).splitlines()[0]} Run this on the cluster's login "
+                              f"node, or leave --executor out to run here") from None
     try:
         executor.update_parameters(**parameters)
     except (ValueError, TypeError) as e:

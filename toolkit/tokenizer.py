@@ -17,10 +17,13 @@ import html
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
+
+from toolkit.data import hub_unreachable
 
 TOKENIZERS_DIR = Path(__file__).resolve().parent.parent / "tokenizers"
 MODEL_FILE = "tokenizer.model"
@@ -114,12 +117,15 @@ class Tokenizer:
         return segments
 
     def display(self, text: str) -> None:
-        """Show how the text is cut, with the ids: HTML in a Jupyter notebook, coloured text in a terminal."""
+        """Show how the text is cut, with the ids: HTML in a Jupyter notebook, coloured text in a terminal,
+        plain text into a pipe or a file (or with NO_COLOR set)."""
         if _in_notebook():
             from IPython.display import HTML, display
             display(HTML(self.display_html(text)))
-        else:
+        elif sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
             print(self.display_ansi(text))
+        else:
+            print(self.display_plain(text))
 
     def display_ansi(self, text: str) -> str:
         """Tokens on alternating background colours, then their ids in the same colours."""
@@ -131,6 +137,13 @@ class Tokenizer:
         pieces = "".join(paint(k, _visible(piece)) for k, (piece, _) in enumerate(segments))
         ids = " ".join(paint(k, " ".join(map(str, ids))) for k, (_, ids) in enumerate(segments))
         return f"{self._summary(text)}\n{pieces}\n{ids}"
+
+    def display_plain(self, text: str) -> str:
+        """The same without colours: the tokens between bars, then each token's ids in brackets."""
+        segments = self.segments(text)
+        pieces = "|".join(_visible(piece) for piece, _ in segments)
+        ids = " ".join(f"[{' '.join(map(str, ids))}]" for _, ids in segments)
+        return f"{self._summary(text)}\n|{pieces}|\n{ids}"
 
     def display_html(self, text: str) -> str:
         """The same as display_ansi as an HTML snippet; hovering a token shows its ids."""
@@ -316,13 +329,18 @@ def _auto_tokenizer(name_or_path: str):
         try:  # a cached tokenizer loads without asking the hub, which retries for a minute when offline
             return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
         except OSError:
-            return AutoTokenizer.from_pretrained(name_or_path)
+            unreachable = None if Path(name_or_path).is_dir() else hub_unreachable()
+            if unreachable is None:
+                return AutoTokenizer.from_pretrained(name_or_path)
     except OSError as e:
         raise TokenizerError(f"cannot load Hugging Face tokenizer {name_or_path!r} ({str(e).splitlines()[0]}); "
                              f"run once online to cache it, or pass a local folder as 'hf:/path/to/folder'") from None
     except (ValueError, TypeError, KeyError) as e:  # no tokenizer files, or files transformers cannot read
         reason = " ".join(str(e).split())[:300]
         raise TokenizerError(f"cannot load Hugging Face tokenizer {name_or_path!r}: {reason}") from None
+    raise TokenizerError(f"cannot load Hugging Face tokenizer {name_or_path!r}: it is not cached and the hub cannot be "
+                         f"reached ({unreachable}); run once online to cache it, or pass a local folder as "
+                         f"'hf:/path/to/folder'")
 
 
 def has_tokenizer_files(directory) -> bool:

@@ -14,7 +14,6 @@ Input: whatever train.py's --data takes (toolkit/data.py reads both): text files
 by <|endoftext|>, one per line, or one whole text), jsonl with a "text" field, parquet with a "text"
 column, or a Hugging Face dataset (streamed).
 """
-import argparse
 import io
 import json
 import shlex
@@ -25,7 +24,7 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from config import closest
+from toolkit.cli import Parser
 from toolkit.data import DataError, read_documents
 from toolkit.tokenizer import (
     BOS_ID,
@@ -238,11 +237,6 @@ def _log(verbose, message):
         print(message, file=sys.stderr, flush=True)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, instead of the usage text and then the error
-        self.exit(2, f"error: {message} (see python -m toolkit.tokenizer_training --help)\n")
-
-
 def option(parser, name, **kwargs):
     """--name as train.py spells it (underscores), and with dashes."""
     spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
@@ -250,7 +244,7 @@ def option(parser, name, **kwargs):
 
 
 def parse_args(argv):
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = Parser("python -m toolkit.tokenizer_training", description=__doc__)
     option(parser, "name", required=True, help="family name; the folder is tokenizers/<name> unless --out")
     option(parser, "data", nargs="+", required=True,
            help="text files, folders or globs (.txt, .jsonl, .parquet), dataset names "
@@ -269,13 +263,7 @@ def parse_args(argv):
     option(parser, "overwrite", action="store_true", help="replace an existing family of that name")
     option(parser, "verbose", action="store_true", help="show sentencepiece's log too")
     option(parser, "quiet", action="store_true", help="no progress output")
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        known = [f"--{action.dest}" for action in parser._actions if action.dest != "help"]
-        flag = unknown[0].split("=")[0]
-        spelled = "--" + flag.lstrip("-").replace("-", "_")
-        parser.error(f"unknown option {flag}{closest(spelled, known)}" if flag.startswith("-")
-                     else f"unexpected argument {unknown[0]!r}")
+    args = parser.parse_args(argv)
     return args
 
 

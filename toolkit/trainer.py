@@ -216,7 +216,16 @@ def build_run(model_cfg, cfg, env, out, resume, stop_at, command, progress_bar) 
     run.end = min(stop_at or cfg.max_steps, cfg.max_steps)
     if env.is_main:
         run.record = session_record(cfg, tokenizer, device, env.world_size, run.progress.step, command)
+        if not resume and cfg.warmup_steps >= cfg.max_steps:
+            say(warmup_note(cfg))
     return run
+
+
+def warmup_note(cfg: TrainConfig) -> str:
+    """What a warmup as long as the run does to the rate (a short trial run keeps the default warmup)."""
+    peak = learning_rate(cfg.max_steps - 1, cfg)
+    return (f"note: warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the rate rises all run, to "
+            f"{peak:.3g} rather than lr={cfg.lr:g}, and never decays; lower --warmup_steps for the whole schedule")
 
 
 def loop(run: Run, stop: "StopRequest", progress_bar: bool):
