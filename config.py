@@ -314,8 +314,8 @@ PRESETS = {
 class TrainConfig(Settings):
     """How to train: data, tokenizer, optimisation, evaluation and logging. `python train.py` uses
     these defaults, with any preset; override any of them with --field=value. The optimisation defaults
-    (Muon at 8e-3, weight decay 0.3, cosine to lr / 10, 1,600 steps of 16 x 256) are the recipe the zoo's
-    studies chose (trained/README.md)."""
+    (Muon at 8e-3, weight decay 0.3, cosine to lr / 10, 1,600 steps of 16 x 256, windows shifted each
+    epoch) are the recipe the zoo's studies chose (trained/README.md)."""
     name: str = "Llama3_1m"  # run folder trained/NAME (may nest: study/variant/seed0); default with --preset: its name
     data: str = "tinystories-sample"  # shipped tinystories-sample|shakespeare; hub tinystories|fineweb-edu|hf:ID; globs
     text_format: str = "auto"  # .txt layout: auto | documents (<|endoftext|> lines) | lines | whole
@@ -342,7 +342,7 @@ class TrainConfig(Settings):
     beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     doc_masking: bool = False  # attend only within each document of a packed window
-    shift_windows: bool = False  # each epoch after the first cuts the text into windows at a new seeded offset
+    shift_windows: bool = True  # each epoch after the first cuts the text into windows at a new seeded offset
     eval_every: int = 200  # steps between validation runs (and at the end)
     eval_batches: int = 20  # size of the fixed validation set, in batches
     log_every: int = 10  # steps per row of log_data.csv (train loss is the mean over the row's steps)
