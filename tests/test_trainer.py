@@ -134,7 +134,7 @@ def test_shifted_windows_reach_the_loader_and_resume_exactly_across_an_epoch(wor
     train_data = data.TokenData(data.prepare_data(str(workspace), load_tokenizer("bytes"), progress=False), "train")
     per_epoch = data.Batches(train_data, 32, 64, seed=0, shift_windows=True).batches_per_epoch
     assert 2 <= per_epoch <= 18 - 4  # the run crosses into a second epoch, and is stopped inside it
-    fixed = log(run(workspace, name="fixed", **batch))
+    fixed = log(run(workspace, name="fixed", shift_windows=False, **batch))
     shifted = log(run(workspace, name="shifted", shift_windows=True, **batch))
     assert not np.allclose(fixed["train_loss"], shifted["train_loss"], rtol=0, atol=1e-3)
     run(workspace, name="resumed", shift_windows=True, stop_at=per_epoch + 3, **batch)
@@ -428,6 +428,29 @@ def test_weights_mismatched_with_the_training_state_are_refused(workspace):
     save_model(model, out, metadata={"step": "4"})  # as if the last save stopped half way
     with pytest.raises(TrainError, match="differ, the last save was interrupted"):
         run(workspace, max_steps=12, resume=True)
+
+
+def test_a_save_killed_before_or_after_its_commit_resumes_exactly(workspace):
+    """A save writes model.safetensors.next, then training_state.pt (the commit), then renames the weights. Killed
+    between the two, resume finishes the save; killed before the commit, it drops the pending weights."""
+    straight = log(run(workspace, name="straight", max_steps=12))
+    out = run(workspace, name="killed", max_steps=12, stop_at=4)
+    step4 = (out / "model.safetensors").read_bytes()
+    run(workspace, name="killed", max_steps=12, stop_at=8, resume=True)
+    # After the commit: the state is step 8's, model.safetensors still step 4's, step 8's weights pending.
+    (out / "model.safetensors").replace(out / "model.safetensors.next")
+    (out / "model.safetensors").write_bytes(step4)
+    resumed = log(run(workspace, name="killed", max_steps=12, resume=True))
+    assert np.allclose(straight[EXACT_COLUMNS].to_numpy(float), resumed[EXACT_COLUMNS].to_numpy(float),
+                       atol=1e-6, equal_nan=True)
+    assert not (out / "model.safetensors.next").exists()
+    # Before the commit: the state and weights agree; the pending weights of another step are dropped.
+    out = run(workspace, name="early", max_steps=12, stop_at=8)
+    (out / "model.safetensors.next").write_bytes(step4)
+    resumed = log(run(workspace, name="early", max_steps=12, resume=True))
+    assert np.allclose(straight[EXACT_COLUMNS].to_numpy(float), resumed[EXACT_COLUMNS].to_numpy(float),
+                       atol=1e-6, equal_nan=True)
+    assert not (out / "model.safetensors.next").exists()
 
 
 def test_weights_are_saved_without_compile_or_ddp_prefixes(tmp_path):

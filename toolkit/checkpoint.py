@@ -40,17 +40,18 @@ def write_atomically(path: Path, write):
 
 
 def save_model(model, directory, train_config: dict | None = None, state_dict: dict | None = None,
-               metadata: dict | None = None, tokenizer: Tokenizer | None = None) -> Path:
+               metadata: dict | None = None, tokenizer: Tokenizer | None = None, weights_file: str = WEIGHTS) -> Path:
     """Write the model (and, if given, the training settings and the tokenizer's record) into
     `directory`. `state_dict` replaces the model's own (a sharded model's gathered weights);
-    `metadata` goes into the safetensors header."""
+    `metadata` goes into the safetensors header; `weights_file` names the weights' file (the trainer writes
+    them under another name first: see save_checkpoint)."""
     model = unwrap(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     if model.cfg.tie_embeddings:
         state.pop("head.weight", None)  # the same tensor as embed.weight
-    write_atomically(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata=metadata))
+    write_atomically(directory / weights_file, lambda p: save_file(state, str(p), metadata=metadata))
     return save_configs(directory, model.cfg, train_config, tokenizer)
 
 
@@ -98,6 +99,15 @@ def load_state_dict_file(path: Path) -> tuple[dict, dict]:
     except (OSError, SafetensorError) as e:
         raise LoadError(f"{path} cannot be read ({e}): the file is missing, truncated or corrupt; "
                         f"retrain or restore it") from None
+
+
+def weights_metadata(path: Path) -> dict | None:
+    """The header metadata of a safetensors file, without reading its tensors; None if it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (OSError, SafetensorError):
+        return None
 
 
 def read_model_config(directory) -> tuple[ModelConfig, dict | None]:

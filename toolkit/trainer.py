@@ -42,6 +42,7 @@ from toolkit.checkpoint import (
     save_configs,
     save_model,
     unwrap,
+    weights_metadata,
     write_atomically,
 )
 from toolkit.cli import safe
@@ -61,9 +62,10 @@ from toolkit.stability import StabilityLog
 from toolkit.tokenizer import load_tokenizer
 
 STATE = "training_state.pt"
+PENDING_WEIGHTS = WEIGHTS + ".next"  # a save's weights until its training state is written (see save_checkpoint)
 LOG = "log_data.csv"
 COMMAND = "command.txt"
-RUN_FILES = (WEIGHTS, MODEL_CONFIG, TRAIN_CONFIG, STATE, LOG, COMMAND, PROVENANCE)
+RUN_FILES = (WEIGHTS, MODEL_CONFIG, TRAIN_CONFIG, STATE, PENDING_WEIGHTS, LOG, COMMAND, PROVENANCE)
 LOG_COLUMNS = ["step", "tokens_seen", "elapsed_s", "lr", "train_loss", "val_loss", "val_bpb", "grad_norm",
                "tokens_per_s", "mfu", "eval_elapsed_s", "save_elapsed_s"]  # mfu: on a GPU of PEAK_BF16_FLOPS
 # Dense bf16 peaks from the spec sheets, matched by the first key found in torch's device name (so the
@@ -583,8 +585,11 @@ def rng_states() -> dict:
 
 
 def save_checkpoint(run: Run):
-    """Weights (safetensors) and the training state (optimizer, data position, RNG), both tagged
-    with the step so that a mismatched pair is detected on resume."""
+    """Weights (safetensors) and the training state (optimizer, data position, RNG), both tagged with the
+    step. The two files cannot be replaced at once, so a save is a commit: the weights go to
+    model.safetensors.next, then the state replaces training_state.pt (the commit), then the weights replace
+    model.safetensors. Killed before the commit, the run resumes from the previous checkpoint; after it, resume
+    finds the state's weights in model.safetensors.next and finishes the save (load_training_state)."""
     model_state, optimizer_state = full_state(run.wrapped, run.optimizer, run.cfg)
     rngs = [None] * run.env.world_size
     if run.env.world_size > 1:
@@ -595,10 +600,25 @@ def save_checkpoint(run: Run):
         step = run.progress.step
         state = {"step": step, "progress": vars(run.progress).copy(), "optimizer": optimizer_state,
                  "batches": run.batches.state(), "rng": rngs}
+        save_model(run.model, run.out, run.settings, state_dict=model_state, metadata={"step": str(step)},
+                   weights_file=PENDING_WEIGHTS)
         write_atomically(run.out / STATE, lambda p: torch.save(state, p))
-        save_model(run.model, run.out, run.settings, state_dict=model_state, metadata={"step": str(step)})
+        (run.out / PENDING_WEIGHTS).replace(run.out / WEIGHTS)
     if run.env.world_size > 1:
         dist.barrier()
+
+
+def finish_interrupted_save(out: Path, step: int):
+    """A save killed after its commit left the weights of `step` in model.safetensors.next: move them into
+    place. Weights of another step there are from a save killed before its commit: dropped."""
+    pending = out / PENDING_WEIGHTS
+    if not pending.is_file():
+        return
+    metadata = weights_metadata(pending)
+    if metadata is not None and metadata.get("step") == str(step):
+        pending.replace(out / WEIGHTS)
+    else:
+        pending.unlink()
 
 
 def load_training_state(run: Run):
@@ -608,6 +628,10 @@ def load_training_state(run: Run):
     except Exception as e:  # truncated zip, bad pickle, ...: all mean the file is damaged
         raise TrainError(f"{out / STATE} cannot be read ({type(e).__name__}): it is damaged; "
                          f"start again with --overwrite") from None
+    if env.is_main:
+        finish_interrupted_save(out, state["step"])
+    if env.world_size > 1:  # the weights are in place before any process reads them
+        dist.barrier()
     weights, metadata = load_state_dict_file(out / WEIGHTS)
     if metadata.get("step") != str(state["step"]):
         raise TrainError(f"{out}: the weights (step {metadata.get('step')}) and {STATE} (step {state['step']}) "
