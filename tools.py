@@ -60,7 +60,7 @@ def load_model(name_or_path: str, device="cpu"):
     if path.is_dir() and not (path / "config.json").is_file():  # a study's folder, or a run not yet saved
         raise LoadError(folder_without_model(name_or_path, path))
     in_trained = (checkpoint.TRAINED / name_or_path.split("/")[0]).is_dir()  # an experiment's nested name
-    hub_id = name_or_path.count("/") == 1 and not in_trained or name_or_path in HF_GPT2  # owner/name
+    hub_id = (name_or_path.count("/") == 1 and not in_trained) or name_or_path in HF_GPT2  # owner/name
     if not path.is_dir() and not hub_id:
         known = trained_names()
         shown = ", ".join(known[:12]) + (f" and {len(known) - 12} more" if len(known) > 12 else "")

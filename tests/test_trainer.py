@@ -595,7 +595,7 @@ def test_a_warmup_as_long_as_the_run_is_noted_once_with_the_peak_it_reaches(work
     model_cfg, train_cfg = configs(workspace, max_steps=4, warmup_steps=8, lr=1e-3, eval_every=4, save_every=4)
     train(model_cfg, train_cfg, progress_bar=False)
     assert capsys.readouterr().err.count("note: warmup_steps=8 >= max_steps=4: the rate rises all run, to "
-                                         "0.0005 rather than lr=0.001") == 1
+                                         "0.0005 (lr=0.001), and never decays") == 1
     model_cfg, train_cfg = configs(workspace, max_steps=8, warmup_steps=2, name="other")
     train(model_cfg, train_cfg, progress_bar=False)
     assert "note: warmup" not in capsys.readouterr().err

@@ -58,6 +58,7 @@ def read_hf_weights(directory: Path) -> dict:
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "gelu_python_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh",
                   "relu": "relu", "silu": "silu", "swish": "silu", "relu2": "relu2"}
+
 # model_type -> the transformers config class that reads its config.json
 HF_CONFIGS = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
               "qwen3": "Qwen3Config"}

@@ -227,7 +227,7 @@ def warmup_note(cfg: TrainConfig) -> str:
     """What a warmup as long as the run does to the rate (a short trial run keeps the default warmup)."""
     peak = learning_rate(cfg.max_steps - 1, cfg)
     return (f"note: warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the rate rises all run, to "
-            f"{peak:.3g} rather than lr={cfg.lr:g}, and never decays; lower --warmup_steps for the whole schedule")
+            f"{peak:.3g} (lr={cfg.lr:g}), and never decays; lower --warmup_steps for the whole schedule")
 
 
 def loop(run: Run, stop: "StopRequest", progress_bar: bool):
